@@ -1,0 +1,131 @@
+"""Qwen v1 configuration, readable without the checkpoint's remote code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+# Field names of the first Qwen-7B-Chat release, which followed GPT-2.
+_GPT2_STYLE_NAMES = {
+    "n_embd": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "n_positions": "max_position_embeddings",
+    "padded_vocab_size": "vocab_size",
+}
+
+# Fields that would change the forward pass in ways this implementation does
+# not reproduce. Each maps to the only value we accept (None: must be absent).
+_UNSERVABLE_FIELDS: dict[str, Any] = {
+    "visual": None,  # Qwen-VL: a vision tower we do not implement
+    "rope_scaling": None,  # Qwen v1 scales RoPE through use_dynamic_ntk instead
+    "apply_residual_connection_post_layernorm": False,
+    "scale_attn_weights": True,
+    "no_bias": True,
+    "hidden_act": "silu",
+    "activation": "swiglu",
+    "num_key_value_heads": "num_attention_heads",
+}
+
+
+# Qwen-7B's values, the defaults of the published config class.
+_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "kv_channels": 128,
+    "intermediate_size": 22016,
+    "layer_norm_epsilon": 1e-6,
+    "rotary_pct": 1.0,
+    "rotary_emb_base": 10000.0,
+    "seq_length": 8192,
+    "max_position_embeddings": 8192,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+    "initializer_range": 0.02,
+}
+
+
+class QWenConfig(PretrainedConfig):
+    model_type = "qwen"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        for old, new in _GPT2_STYLE_NAMES.items():
+            if old in kwargs:
+                kwargs.setdefault(new, kwargs.pop(old))
+        # 72B sets rope_theta next to rotary_emb_base; both mean the same.
+        if "rope_theta" in kwargs:
+            kwargs["rotary_emb_base"] = kwargs.pop("rope_theta")
+        for name, default in _DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.head_dim = self.kv_channels
+        # Checked when loading: transformers would turn some of these (e.g.
+        # rope_scaling) into its own fields before we could see them.
+        self._check_fields({k: kwargs[k] for k in _UNSERVABLE_FIELDS if k in kwargs})
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.check_servable()
+
+    def _check_fields(self, fields: dict[str, Any]) -> None:
+        for key, value in fields.items():
+            allowed = _UNSERVABLE_FIELDS[key]
+            if allowed == "num_attention_heads":
+                allowed = self.num_attention_heads
+            if value != allowed:
+                expected = "absent" if allowed is None else f"{allowed!r}"
+                raise ValueError(
+                    f"Qwen v1 config field {key!r}={value!r} is not supported by "
+                    f"qwen_vllm (expected {expected}); this checkpoint is not a "
+                    "plain Qwen v1 language model."
+                )
+
+    def check_servable(self) -> None:
+        """Raise ValueError naming a field whose value this plugin cannot serve."""
+        if self.kv_channels * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"Qwen v1 config field 'kv_channels'={self.kv_channels} times "
+                f"num_attention_heads={self.num_attention_heads} must equal "
+                f"hidden_size={self.hidden_size}."
+            )
+        if self.intermediate_size % 2:
+            raise ValueError(
+                f"Qwen v1 config field 'intermediate_size'={self.intermediate_size} "
+                "must be even: it is twice the MLP width."
+            )
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise ValueError(
+                f"Qwen v1 config field 'rotary_pct'={self.rotary_pct} "
+                "must be in (0, 1]."
+            )
+        rotary_dim = int(self.kv_channels * self.rotary_pct)
+        if rotary_dim % 2:
+            raise ValueError(
+                f"Qwen v1 config field 'rotary_pct'={self.rotary_pct} gives an odd "
+                f"rotary dimension {rotary_dim}."
+            )
+        if self.seq_length <= 0 or self.max_position_embeddings <= 0:
+            raise ValueError(
+                "Qwen v1 config fields 'seq_length' and 'max_position_embeddings' "
+                "must be positive."
+            )
+
+    @property
+    def mlp_width(self) -> int:
+        # Qwen v1 stores twice the real width (w1 and w2 each have half).
+        return self.intermediate_size // 2
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.kv_channels * self.rotary_pct)
+
+    @property
+    def max_context_length(self) -> int:
+        """The longest context this checkpoint is served with by default."""
+        return min(self.seq_length, self.max_position_embeddings)

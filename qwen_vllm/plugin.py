@@ -1,0 +1,71 @@
+"""vLLM general plugin: teaches vLLM the Qwen v1 architecture.
+
+vLLM calls `register()` in every process it starts (API server, engine core,
+each tensor-parallel worker), so it must be cheap and idempotent. This module
+imports only the standard library: vLLM swallows import errors of plugins into
+a log line, and the user would then only see "architecture not supported".
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "QWenLMHeadModel"
+MODEL_TYPE = "qwen"
+MODEL_CLASS = "qwen_vllm.model.qwen:QWenLMHeadModel"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the Qwen v1 config, tokenizer and model with vLLM."""
+    global _registered
+    if _registered:
+        return
+    try:
+        _register_config_and_tokenizer()
+        _register_model()
+    except Exception as exc:
+        # vLLM would otherwise go on and later report a baffling
+        # "architecture not supported" for every Qwen v1 checkpoint.
+        raise RuntimeError(
+            f"qwen_vllm could not register the Qwen v1 architecture with vLLM: "
+            f"{exc!r}. Check that the installed vLLM matches the version qwen_vllm "
+            "pins (see README), or exclude this plugin with "
+            "VLLM_PLUGINS=<other plugins>."
+        ) from exc
+    _registered = True
+
+
+def _register_config_and_tokenizer() -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.tokenizer import QWenTokenizer
+
+    AutoConfig.register(MODEL_TYPE, QWenConfig, exist_ok=True)
+    AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
+    try:
+        import vllm.config  # noqa: F401  (imports the modules below in a safe order)
+    except ImportError:  # transformers alone: nothing more to register
+        return
+    from vllm.transformers_utils import config as vllm_config
+    # A model_type in vLLM's own registry no longer counts as remote code, so
+    # real checkpoints (which carry auto_map) load without trust_remote_code.
+    vllm_config._CONFIG_REGISTRY[MODEL_TYPE] = QWenConfig
+
+    from vllm.transformers_utils import model_arch_config_convertor as convertors
+
+    from qwen_vllm.model.arch import QWenArchConfigConvertor
+
+    convertors.MODEL_ARCH_CONFIG_CONVERTORS[MODEL_TYPE] = QWenArchConfigConvertor
+
+
+def _register_model() -> None:
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        return
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

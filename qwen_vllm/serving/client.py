@@ -1,0 +1,331 @@
+"""The one client of the controller and its workers (FastChat protocol).
+
+The gateway and the web UI both talk to the control plane through
+ControllerClient; its owner creates the httpx.AsyncClient and closes it.
+
+Failures before a worker produced anything are retried on another worker
+(the failed addresses are sent to the controller as `exclude`, an extension
+FastChat's controller ignores, and skipped when it returns them anyway). Once
+chunks have flowed, a broken or silent stream ends with an error chunk: every
+read has a timeout, so a dead worker never hangs a caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from qwen_vllm.serving.protocol import (
+    INTERNAL_TOKEN_HEADER,
+    ErrorCode,
+    GenerateChunk,
+    GenerateParams,
+    error_chunk,
+    iter_stream_chunks,
+)
+
+logger = logging.getLogger(__name__)
+
+# Controller calls are cheap; a controller that does not answer in this time
+# is down.
+CONTROLLER_TIMEOUT = 10.0
+# Times the controller is asked for a worker other than the failed ones.
+_LOOKUPS_PER_ATTEMPT = 3
+# How long a failed /model_details lookup is remembered.
+_UNKNOWN_DETAILS_TTL = 10.0
+
+
+class BackendError(Exception):
+    """The control plane could not serve a request."""
+
+
+class ControllerUnavailableError(BackendError):
+    """The controller did not answer or answered nonsense."""
+
+
+class NoWorkerError(BackendError):
+    """The controller knows no healthy worker for the model (right now)."""
+
+
+class UnknownModelError(BackendError):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model {model!r} does not exist.")
+        self.model = model
+
+
+class WorkerError(BackendError):
+    """Workers failed before producing an answer, after the allowed retries."""
+
+
+class WorkerTimeoutError(WorkerError):
+    """A worker accepted the request but did not answer in time."""
+
+
+class ModelDetails(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    context_length: int | None = None
+
+
+class WorkerInfo(BaseModel):
+    """One worker as the controller's GET /workers reports it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    address: str
+    model_names: list[str] = []
+    queue_length: int = 0
+    healthy: bool = True
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> WorkerInfo:
+        status = raw.get("worker_status") or {}
+        names = raw.get("model_names") or raw.get("models") or status.get("model_names")
+        healthy = raw.get("healthy", raw.get("health", True))
+        if isinstance(healthy, str):
+            healthy = healthy.lower() in ("ok", "healthy", "true", "up")
+        return cls(
+            address=raw.get("address") or raw.get("worker_name") or raw.get("name"),
+            model_names=names or [],
+            queue_length=raw.get("queue_length", status.get("queue_length", 0)),
+            healthy=bool(healthy),
+        )
+
+
+class ControllerClient:
+    """Controller lookups and worker calls, with retries and timeouts."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        controller_url: str,
+        *,
+        internal_token: SecretStr | str | None = None,
+        request_timeout: float = 600.0,
+        connect_timeout: float = 5.0,
+        max_attempts: int = 3,
+        details_ttl: float = 60.0,
+        workers_ttl: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = http
+        self._controller = controller_url.rstrip("/")
+        if isinstance(internal_token, SecretStr):
+            internal_token = internal_token.get_secret_value()
+        self._headers = (
+            {INTERNAL_TOKEN_HEADER: internal_token} if internal_token else {}
+        )
+        self._worker_timeout = httpx.Timeout(
+            request_timeout,
+            connect=connect_timeout,
+            write=connect_timeout,
+            pool=connect_timeout,
+        )
+        self._max_attempts = max(1, max_attempts)
+        self._details_ttl = details_ttl
+        self._workers_ttl = workers_ttl
+        self._clock = clock
+        self._details: dict[str, tuple[float, ModelDetails]] = {}
+        self._workers: tuple[float, list[WorkerInfo]] | None = None
+
+    @classmethod
+    def from_settings(cls, http: httpx.AsyncClient, settings: Any) -> ControllerClient:
+        """From any service settings with controller_url() and internal_token."""
+        return cls(
+            http,
+            settings.controller_url(),
+            internal_token=settings.internal_token,
+            request_timeout=getattr(settings, "request_timeout", 600.0),
+        )
+
+    # Controller
+
+    async def list_models(self) -> list[str]:
+        reply = await self._controller_call("POST", "/list_models")
+        models = reply.get("models")
+        if not isinstance(models, list):
+            raise ControllerUnavailableError("The controller sent no model list.")
+        return [str(model) for model in models]
+
+    async def worker_address(self, model: str, *, exclude: Collection[str] = ()) -> str:
+        body: dict[str, Any] = {"model": model}
+        if exclude:
+            body["exclude"] = sorted(exclude)
+        reply = await self._controller_call("POST", "/get_worker_address", body)
+        address = reply.get("address") or ""
+        if address:
+            return str(address).rstrip("/")
+        if model not in await self.list_models():
+            raise UnknownModelError(model)
+        raise NoWorkerError(
+            str(reply.get("error") or f"No healthy worker serves {model!r} right now.")
+        )
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Every worker with its queue length and health; cached briefly."""
+        now = self._clock()
+        if self._workers is not None and now < self._workers[0]:
+            return self._workers[1]
+        reply = await self._controller_call("GET", "/workers")
+        raw = reply.get("workers", reply) if isinstance(reply, dict) else reply
+        if isinstance(raw, dict):  # {address: {...}}
+            raw = [{"address": key, **value} for key, value in raw.items()]
+        try:
+            workers = [WorkerInfo.parse(item) for item in raw]
+        except (TypeError, AttributeError, ValidationError) as exc:
+            raise ControllerUnavailableError(
+                "The controller's worker list is malformed."
+            ) from exc
+        self._workers = (now + self._workers_ttl, workers)
+        return workers
+
+    async def _controller_call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> Any:
+        try:
+            response = await self._http.request(
+                method,
+                self._controller + path,
+                json=body,
+                headers=self._headers,
+                timeout=CONTROLLER_TIMEOUT,
+            )
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("Controller call %s failed: %r", path, exc)
+            raise ControllerUnavailableError(
+                "The controller is unreachable or failed."
+            ) from exc
+
+    async def _pick_worker(self, model: str, failed: list[str]) -> str:
+        address = ""
+        for _ in range(_LOOKUPS_PER_ATTEMPT):
+            address = await self.worker_address(model, exclude=failed)
+            if address not in failed:
+                return address
+        return address  # only failed ones left: they may have recovered
+
+    # Workers
+
+    async def generate_stream(
+        self, model: str, params: GenerateParams
+    ) -> AsyncIterator[GenerateChunk]:
+        """Chunks of one generation; raises BackendError if none could start."""
+        body = _body(model, params)
+        failed: list[str] = []
+        problem: BaseException | None = None
+        for _ in range(self._max_attempts):
+            address = await self._pick_worker(model, failed)
+            started = False
+            try:
+                async with self._http.stream(
+                    "POST",
+                    address + "/worker_generate_stream",
+                    json=body,
+                    headers=self._headers,
+                    timeout=self._worker_timeout,
+                ) as response:
+                    if response.status_code != httpx.codes.OK:
+                        raise WorkerError(f"HTTP {response.status_code}")
+                    async for data in iter_stream_chunks(response.aiter_bytes()):
+                        chunk = GenerateChunk.model_validate(data)
+                        started = True
+                        yield chunk
+                if started:
+                    return
+                raise WorkerError("the stream ended without output")
+            except httpx.TimeoutException as exc:
+                logger.warning("Worker %s timed out: %r", address, exc)
+                if started:
+                    yield error_chunk(
+                        ErrorCode.CONTROLLER_WORKER_TIMEOUT,
+                        "The worker stopped sending output.",
+                    )
+                    return
+                raise WorkerTimeoutError(
+                    f"The worker did not answer within {self._worker_timeout.read} s."
+                ) from exc
+            except (httpx.HTTPError, WorkerError, ValueError) as exc:
+                logger.warning("Worker %s failed: %r", address, exc)
+                if started:
+                    yield error_chunk(
+                        ErrorCode.INTERNAL_ERROR,
+                        "The worker's stream broke off.",
+                    )
+                    return
+                failed.append(address)
+                problem = exc
+        raise WorkerError(
+            f"No worker could serve {model!r} ({len(failed)} tried)."
+        ) from problem
+
+    async def generate(self, model: str, params: GenerateParams) -> GenerateChunk:
+        """The whole generation in one chunk (/worker_generate)."""
+        data = await self._worker_call(model, "/worker_generate", _body(model, params))
+        try:
+            return GenerateChunk.model_validate(data)
+        except ValidationError as exc:
+            raise WorkerError("The worker sent a malformed answer.") from exc
+
+    async def model_details(self, model: str) -> ModelDetails:
+        """The model's context length (None when the workers cannot tell).
+
+        Cached for details_ttl seconds; raises only when no worker serves the
+        model at all.
+        """
+        now = self._clock()
+        cached = self._details.get(model)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        try:
+            data = await self._worker_call(model, "/model_details", {"model": model})
+            details = ModelDetails.model_validate(data)
+        except (WorkerError, ValidationError) as exc:
+            # Workers without /model_details (FastChat's) would otherwise cost
+            # every request a round of retries.
+            logger.warning("No model details for %s: %r", model, exc)
+            details, ttl = ModelDetails(), min(self._details_ttl, _UNKNOWN_DETAILS_TTL)
+        else:
+            ttl = self._details_ttl
+        self._details[model] = (now + ttl, details)
+        return details
+
+    async def _worker_call(self, model: str, path: str, body: dict[str, Any]) -> Any:
+        failed: list[str] = []
+        problem: BaseException | None = None
+        for _ in range(self._max_attempts):
+            address = await self._pick_worker(model, failed)
+            try:
+                response = await self._http.post(
+                    address + path,
+                    json=body,
+                    headers=self._headers,
+                    timeout=self._worker_timeout,
+                )
+                response.raise_for_status()
+                return response.json()
+            except httpx.TimeoutException as exc:
+                logger.warning("Worker %s timed out on %s: %r", address, path, exc)
+                raise WorkerTimeoutError(
+                    f"The worker did not answer within {self._worker_timeout.read} s."
+                ) from exc
+            except (httpx.HTTPError, ValueError) as exc:
+                logger.warning("Worker %s failed on %s: %r", address, path, exc)
+                failed.append(address)
+                problem = exc
+        raise WorkerError(
+            f"No worker could serve {model!r} ({len(failed)} tried)."
+        ) from problem
+
+
+def _body(model: str, params: GenerateParams) -> dict[str, Any]:
+    # Only what the caller set: a worker applies its model's own defaults.
+    body = params.model_dump(mode="json", exclude_unset=True)
+    body.setdefault("model", model)
+    return body

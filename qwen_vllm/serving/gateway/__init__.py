@@ -1,0 +1,9 @@
+"""The OpenAI-compatible API gateway in front of the controller and workers.
+
+Pure control plane: nothing here imports vLLM, torch or transformers.
+"""
+
+from qwen_vllm.serving.gateway.app import create_app, run_gateway
+from qwen_vllm.serving.gateway.backend import Backend
+
+__all__ = ["Backend", "create_app", "run_gateway"]

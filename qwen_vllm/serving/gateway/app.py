@@ -1,0 +1,206 @@
+"""The OpenAI-compatible gateway: routes over the chat and completion services.
+
+create_app(settings) talks to the controller through one ControllerClient on
+one httpx.AsyncClient, opened and closed by the app's lifespan; tests pass a
+fake Backend instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from qwen_vllm import __version__
+from qwen_vllm.serving.client import BackendError, ControllerClient
+from qwen_vllm.serving.gateway.backend import Backend, WorkerStatusSource
+from qwen_vllm.serving.gateway.chat_service import ChatService
+from qwen_vllm.serving.gateway.completion_service import CompletionService
+from qwen_vllm.serving.gateway.errors import APIError, install_error_handlers
+from qwen_vllm.serving.gateway.generation import SSE_HEADERS, EventStream
+from qwen_vllm.serving.gateway.limits import (
+    AccessMiddleware,
+    ApiKeys,
+    BodySizeLimitMiddleware,
+    KeyLimits,
+)
+from qwen_vllm.serving.gateway.metrics import (
+    EXPOSITION_CONTENT_TYPE,
+    GatewayMetrics,
+    MetricsMiddleware,
+)
+from qwen_vllm.serving.gateway.openai_models import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from qwen_vllm.serving.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse}
+    for status in (400, 401, 404, 413, 429, 502, 503, 504)
+}
+
+
+@dataclass
+class Gateway:
+    """Everything the routes use, built once per app."""
+
+    backend: Backend
+    chat: ChatService
+    completions: CompletionService
+    metrics: GatewayMetrics
+
+
+def create_app(settings: GatewaySettings, backend: Backend | None = None) -> FastAPI:
+    metrics = GatewayMetrics()
+
+    def gateway_for(used: Backend) -> Gateway:
+        return Gateway(
+            used,
+            ChatService(used, settings, metrics),
+            CompletionService(used, settings, metrics),
+            metrics,
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if backend is not None:
+            yield
+            return
+        timeout = httpx.Timeout(settings.request_timeout, connect=5.0)
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            app.state.gateway = gateway_for(
+                ControllerClient.from_settings(http, settings)
+            )
+            yield
+
+    app = FastAPI(
+        title="qwen_vllm OpenAI-compatible API",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    if backend is not None:
+        app.state.gateway = gateway_for(backend)
+    install_error_handlers(app)
+    app.include_router(_routes())
+    # Last added runs first: metrics see every answer, access is checked
+    # before a body is read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AccessMiddleware,
+        keys=ApiKeys(settings.api_keys),
+        limits=KeyLimits(
+            settings.requests_per_second_per_key,
+            settings.burst_per_key,
+            settings.max_concurrent_per_key,
+        ),
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        raise APIError(503, "The gateway is starting.", code="not_ready")
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+def _routes() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/metrics", response_class=Response)
+    async def metrics(gateway: GatewayDep) -> Response:
+        source = gateway.backend
+        if isinstance(source, WorkerStatusSource):
+            try:
+                gateway.metrics.set_workers(await source.workers())
+            except BackendError as exc:
+                logger.warning("No worker list for metrics: %s", exc)
+        return Response(
+            gateway.metrics.exposition(), media_type=EXPOSITION_CONTENT_TYPE
+        )
+
+    @router.get("/v1/models", responses=_ERRORS)
+    async def list_models(gateway: GatewayDep) -> ModelList:
+        names = await gateway.backend.list_models()
+        return ModelList(data=[ModelCard(id=name) for name in names])
+
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, gateway: GatewayDep
+    ) -> Any:
+        if body.stream:
+            events = await gateway.chat.stream(body)
+            request.state.model = body.model
+            return _event_stream(events)
+        response = await gateway.chat.complete(body)
+        request.state.model = body.model
+        return response
+
+    @router.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+    )
+    async def completions(
+        body: CompletionRequest, request: Request, gateway: GatewayDep
+    ) -> Any:
+        if body.stream:
+            events = await gateway.completions.stream(body)
+            request.state.model = body.model
+            return _event_stream(events)
+        response = await gateway.completions.complete(body)
+        request.state.model = body.model
+        return response
+
+    return router
+
+
+def _event_stream(stream: EventStream) -> StreamingResponse:
+    # The background task closes the worker streams even when the response
+    # never iterated the events (the client left before the first byte).
+    return StreamingResponse(
+        stream.events,
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(stream.close),
+    )
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    """Serve the gateway on settings.host:settings.port until interrupted."""
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )

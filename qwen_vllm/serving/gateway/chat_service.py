@@ -1,0 +1,379 @@
+"""/v1/chat/completions: OpenAI chat requests to worker params and back.
+
+Messages go to the worker as role/content pairs (it renders ChatML itself).
+Tools and the legacy functions go through Qwen's ReAct prompting
+(qwen_vllm.chat.react): the prompt carries the tool block, "Observation:"
+becomes a stop word, and replies are parsed into content or a tool call,
+whole or while streaming.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE
+from qwen_vllm.chat.react import (
+    ReactFormatError,
+    ReactOutput,
+    ReactPrompt,
+    ReactStreamParser,
+    ToolCall,
+    ToolSpec,
+    build_react_prompt,
+    parse_react_output,
+)
+from qwen_vllm.serving.gateway.backend import Backend
+from qwen_vllm.serving.gateway.errors import APIError, bad_request
+from qwen_vllm.serving.gateway.generation import (
+    DONE_EVENT,
+    ChoiceStreams,
+    EventStream,
+    TextTracker,
+    UsageCounter,
+    chat_logprobs,
+    check_context,
+    check_limits,
+    choice_params,
+    context_length,
+    failure,
+    finish_reason,
+    generate_all,
+    parse_logprobs,
+    sampling_fields,
+    sse_event,
+    worker_failed,
+)
+from qwen_vllm.serving.gateway.metrics import GatewayMetrics
+from qwen_vllm.serving.gateway.openai_models import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    FunctionCallOut,
+    NamedToolChoice,
+    ToolCallOut,
+)
+from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
+from qwen_vllm.serving.settings import GatewaySettings
+
+PROMPT_PARAM = "messages"
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    tools: list[ToolSpec]  # offered to the model; empty: no ReAct prompt
+    forced: str | None = None
+    required: bool = False
+    legacy: bool = False  # answer with `function_call`, not `tool_calls`
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    request_id: str
+    react: ReactPrompt
+    tools: ToolPlan
+    params: list[GenerateParams]
+    top_logprobs: int | None  # None: no logprobs
+
+
+def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
+    if request.tools and request.functions:
+        raise bad_request(
+            "Send either tools or the legacy functions, not both.", "functions"
+        )
+    legacy = request.functions is not None and request.tools is None
+    if legacy:
+        definitions = request.functions or []
+        choice: Any = request.function_call
+        param = "function_call"
+    else:
+        definitions = [tool.function for tool in request.tools or []]
+        choice = request.tool_choice
+        param = "tool_choice"
+    names = [d.name for d in definitions]
+    if len(set(names)) != len(names):
+        raise bad_request(
+            "Tool names must be unique.", "functions" if legacy else "tools"
+        )
+    specs = [ToolSpec(d.name, d.description or "", d.parameters) for d in definitions]
+    if choice is None:
+        choice = "auto" if specs else "none"
+    if choice == "none":
+        return ToolPlan([], legacy=legacy)
+    if not specs:
+        raise bad_request(f"{param} {choice!r} needs tools to choose from.", param)
+    if choice == "auto":
+        return ToolPlan(specs, legacy=legacy)
+    if choice == "required":
+        return ToolPlan(specs, required=True, legacy=legacy)
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
+    if name not in names:
+        raise bad_request(f"{param} names {name!r}, which is not a tool.", param)
+    return ToolPlan([s for s in specs if s.name == name], forced=name, legacy=legacy)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ChatService:
+    def __init__(
+        self, backend: Backend, settings: GatewaySettings, metrics: GatewayMetrics
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+
+    async def plan(self, request: ChatCompletionRequest) -> ChatPlan:
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        check_limits(request, max_tokens, self.settings)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true.", "top_logprobs")
+        tools = plan_tools(request)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        try:
+            react = build_react_prompt(
+                messages, tools.tools, forced_tool=tools.forced, required=tools.required
+            )
+        except ReactFormatError as exc:
+            raise bad_request(str(exc), exc.param) from exc
+        context = await context_length(self.backend, request.model)
+        check_context(max_tokens, context)
+        if context is None:
+            window = DEFAULT_MAX_WINDOW_SIZE
+        elif max_tokens is not None:
+            window = context - max_tokens
+        else:  # the reference's 6144 of 8192, for any context length
+            window = context * 3 // 4
+        stop = request.stop_list() + [
+            s for s in react.stop if s not in request.stop_list()
+        ]
+        fields = sampling_fields(request, max_tokens)
+        if stop:
+            fields["stop"] = stop
+        if request.logprobs:
+            fields["logprobs"] = request.top_logprobs or 0
+        if react.continue_final_message:
+            fields["continue_final_message"] = True
+        base = GenerateParams(
+            model=request.model,
+            messages=react.messages,
+            max_window_size=window,
+            **fields,
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return ChatPlan(
+            request_id,
+            react,
+            tools,
+            list(choice_params(base, request_id, request.n, request.seed)),
+            (request.top_logprobs or 0) if request.logprobs else None,
+        )
+
+    # Whole responses
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        plan = await self.plan(request)
+        chunks = await generate_all(self.backend, request.model, plan.params)
+        usage = UsageCounter()
+        choices = []
+        for index, chunk in enumerate(chunks):
+            if worker_failed(chunk):
+                raise failure(chunk, PROMPT_PARAM)
+            usage.record(index, 0, chunk)
+            choices.append(self._choice(plan, index, chunk))
+        total = usage.usage()
+        self.metrics.count_tokens(
+            request.model, total.prompt_tokens, total.completion_tokens
+        )
+        return ChatCompletionResponse(
+            id=plan.request_id, model=request.model, choices=choices, usage=total
+        )
+
+    def _choice(self, plan: ChatPlan, index: int, chunk: GenerateChunk) -> ChatChoice:
+        output = _parse(plan.react, chunk.text)
+        logprobs = None
+        if plan.top_logprobs is not None:
+            logprobs = chat_logprobs(parse_logprobs(chunk.logprobs), plan.top_logprobs)
+        call = output.tool_call
+        if call is None:
+            message = ChatMessageOut(content=output.content)
+            reason = finish_reason(chunk)
+        elif plan.tools.legacy:
+            message = ChatMessageOut(
+                content=output.content or None,
+                function_call=FunctionCallOut(name=call.name, arguments=call.arguments),
+            )
+            reason = "function_call"
+        else:
+            message = ChatMessageOut(
+                content=output.content or None,
+                tool_calls=[
+                    ToolCallOut(
+                        id=new_call_id(),
+                        function=FunctionCallOut(
+                            name=call.name, arguments=call.arguments
+                        ),
+                    )
+                ],
+            )
+            reason = "tool_calls"
+        return ChatChoice(
+            index=index, message=message, logprobs=logprobs, finish_reason=reason
+        )
+
+    # Streams
+
+    async def stream(self, request: ChatCompletionRequest) -> EventStream:
+        """Opens the worker streams (errors so far raise) and returns the SSE."""
+        started = time.perf_counter()
+        plan = await self.plan(request)
+        streams = await ChoiceStreams.open(
+            self.backend, request.model, plan.params, PROMPT_PARAM
+        )
+        self.metrics.time_to_first_token.labels(request.model).observe(
+            time.perf_counter() - started
+        )
+        return EventStream(self._sse(request, plan, streams), streams.close)
+
+    async def _sse(
+        self, request: ChatCompletionRequest, plan: ChatPlan, streams: ChoiceStreams
+    ) -> AsyncIterator[str]:
+        stream = _ChatStream(request, plan)
+        try:
+            async for event in stream.events(streams):
+                yield event
+        except APIError as exc:
+            yield sse_event(exc.body())
+        finally:
+            await streams.close()
+            total = stream.usage.usage()
+            self.metrics.count_tokens(
+                request.model, total.prompt_tokens, total.completion_tokens
+            )
+        yield DONE_EVENT
+
+
+class _ChatStream:
+    """State of one streamed chat response: per-choice text, parsers, usage."""
+
+    def __init__(self, request: ChatCompletionRequest, plan: ChatPlan) -> None:
+        self.request = request
+        self.plan = plan
+        self.created = int(time.time())
+        self.usage = UsageCounter()
+        n = len(plan.params)
+        self.trackers = [TextTracker() for _ in range(n)]
+        react = plan.react
+        self.parsers = [
+            ReactStreamParser(
+                react.output_prefix, tool_calls_allowed=react.tool_calls_allowed
+            )
+            if react.parse_output
+            else None
+            for _ in range(n)
+        ]
+        self.finished = [False] * n
+
+    def event(
+        self,
+        index: int | None,
+        delta: dict[str, Any] | None = None,
+        *,
+        logprobs: dict[str, Any] | None = None,
+        finish: str | None = None,
+    ) -> str:
+        data: dict[str, Any] = {
+            "id": self.plan.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.request.model,
+            "choices": []
+            if index is None
+            else [
+                {
+                    "index": index,
+                    "delta": delta or {},
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        if self.request.include_usage:
+            data["usage"] = self.usage.usage().model_dump() if index is None else None
+        return sse_event(data)
+
+    async def events(self, streams: ChoiceStreams) -> AsyncIterator[str]:
+        for index in range(len(self.finished)):
+            yield self.event(index, {"role": "assistant", "content": ""})
+        last: dict[int, GenerateChunk] = {}
+        async for index, chunk in streams.chunks():
+            if self.finished[index]:
+                continue
+            if worker_failed(chunk):
+                raise failure(chunk, PROMPT_PARAM)
+            last[index] = chunk
+            for event in self._progress(index, chunk):
+                yield event
+            if chunk.finish_reason is not None:
+                for event in self._finish(index, chunk):
+                    yield event
+        for index, done in enumerate(self.finished):
+            if not done:  # the worker ended its stream without a finish reason
+                for event in self._finish(index, last.get(index, GenerateChunk())):
+                    yield event
+        if self.request.include_usage:
+            yield self.event(None)
+
+    def _progress(self, index: int, chunk: GenerateChunk) -> list[str]:
+        tracker, parser = self.trackers[index], self.parsers[index]
+        text = tracker.delta(chunk)
+        content = parser.feed(text) if parser is not None else text
+        logprobs = None
+        if self.plan.top_logprobs is not None:
+            fresh = tracker.new_logprobs(chunk)
+            if fresh:
+                logprobs = chat_logprobs(fresh, self.plan.top_logprobs)
+        if not content and logprobs is None:
+            return []
+        return [self.event(index, {"content": content}, logprobs=logprobs)]
+
+    def _finish(self, index: int, chunk: GenerateChunk) -> list[str]:
+        self.finished[index] = True
+        self.usage.record(index, 0, chunk)
+        parser = self.parsers[index]
+        events = []
+        call: ToolCall | None = None
+        if parser is not None:
+            end = parser.finish()
+            if end.content_delta:
+                events.append(self.event(index, {"content": end.content_delta}))
+            call = end.output.tool_call
+        if call is None:
+            events.append(self.event(index, finish=finish_reason(chunk)))
+        elif self.plan.tools.legacy:
+            function = {"name": call.name, "arguments": call.arguments}
+            events.append(self.event(index, {"function_call": function}))
+            events.append(self.event(index, finish="function_call"))
+        else:
+            tool_call = {
+                "index": 0,
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            events.append(self.event(index, {"tool_calls": [tool_call]}))
+            events.append(self.event(index, finish="tool_calls"))
+        return events
+
+
+def _parse(react: ReactPrompt, text: str) -> ReactOutput:
+    if not react.parse_output:
+        return ReactOutput(text)
+    return parse_react_output(
+        text, react.output_prefix, tool_calls_allowed=react.tool_calls_allowed
+    )

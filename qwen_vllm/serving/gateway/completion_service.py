@@ -1,0 +1,226 @@
+"""/v1/completions: raw prompts (one or a batch) to worker params and back.
+
+Choice k*n + j is the j-th sample of prompt k, as OpenAI numbers them. Echo
+is done here (the prompt is put in front of the output), not by the worker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_vllm.serving.gateway.backend import Backend
+from qwen_vllm.serving.gateway.errors import APIError
+from qwen_vllm.serving.gateway.generation import (
+    DONE_EVENT,
+    ChoiceStreams,
+    EventStream,
+    TextTracker,
+    UsageCounter,
+    check_context,
+    check_limits,
+    choice_params,
+    completion_logprobs,
+    context_length,
+    failure,
+    finish_reason,
+    generate_all,
+    parse_logprobs,
+    sampling_fields,
+    sse_event,
+    worker_failed,
+)
+from qwen_vllm.serving.gateway.metrics import GatewayMetrics
+from qwen_vllm.serving.gateway.openai_models import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+)
+from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
+from qwen_vllm.serving.settings import GatewaySettings
+
+PROMPT_PARAM = "prompt"
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    request_id: str
+    prompts: list[str]
+    params: list[GenerateParams]  # choice order
+
+    def prompt_of(self, choice: int) -> int:
+        return choice * len(self.prompts) // len(self.params)
+
+
+class CompletionService:
+    def __init__(
+        self, backend: Backend, settings: GatewaySettings, metrics: GatewayMetrics
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+
+    async def plan(self, request: CompletionRequest) -> CompletionPlan:
+        check_limits(request, request.max_tokens, self.settings)
+        check_context(
+            request.max_tokens, await context_length(self.backend, request.model)
+        )
+        fields = sampling_fields(request, request.max_tokens)
+        if request.stop:
+            fields["stop"] = request.stop_list()
+        if request.logprobs is not None:
+            fields["logprobs"] = request.logprobs
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        prompts = request.prompts()
+        params: list[GenerateParams] = []
+        for number, prompt in enumerate(prompts):
+            base = GenerateParams(model=request.model, prompt=prompt, **fields)
+            seed = None if request.seed is None else request.seed + number * request.n
+            params += choice_params(base, f"{request_id}-{number}", request.n, seed)
+        return CompletionPlan(request_id, prompts, params)
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        plan = await self.plan(request)
+        chunks = await generate_all(self.backend, request.model, plan.params)
+        usage = UsageCounter()
+        choices = []
+        for index, chunk in enumerate(chunks):
+            if worker_failed(chunk):
+                raise failure(chunk, PROMPT_PARAM)
+            prompt = plan.prompts[plan.prompt_of(index)]
+            usage.record(index, plan.prompt_of(index), chunk)
+            echo = prompt if request.echo else ""
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = completion_logprobs(
+                    parse_logprobs(chunk.logprobs), request.logprobs, len(echo)
+                )
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=echo + chunk.text,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason(chunk),
+                )
+            )
+        total = usage.usage()
+        self.metrics.count_tokens(
+            request.model, total.prompt_tokens, total.completion_tokens
+        )
+        return CompletionResponse(
+            id=plan.request_id, model=request.model, choices=choices, usage=total
+        )
+
+    async def stream(self, request: CompletionRequest) -> EventStream:
+        started = time.perf_counter()
+        plan = await self.plan(request)
+        streams = await ChoiceStreams.open(
+            self.backend, request.model, plan.params, PROMPT_PARAM
+        )
+        self.metrics.time_to_first_token.labels(request.model).observe(
+            time.perf_counter() - started
+        )
+        return EventStream(self._sse(request, plan, streams), streams.close)
+
+    async def _sse(
+        self, request: CompletionRequest, plan: CompletionPlan, streams: ChoiceStreams
+    ) -> AsyncIterator[str]:
+        stream = _CompletionStream(request, plan)
+        try:
+            async for event in stream.events(streams):
+                yield event
+        except APIError as exc:
+            yield sse_event(exc.body())
+        finally:
+            await streams.close()
+            total = stream.usage.usage()
+            self.metrics.count_tokens(
+                request.model, total.prompt_tokens, total.completion_tokens
+            )
+        yield DONE_EVENT
+
+
+class _CompletionStream:
+    def __init__(self, request: CompletionRequest, plan: CompletionPlan) -> None:
+        self.request = request
+        self.plan = plan
+        self.created = int(time.time())
+        self.usage = UsageCounter()
+        n = len(plan.params)
+        self.trackers = [TextTracker() for _ in range(n)]
+        self.text_offsets = [0] * n
+        self.finished = [False] * n
+
+    def event(
+        self,
+        index: int | None,
+        text: str = "",
+        *,
+        logprobs: dict[str, Any] | None = None,
+        finish: str | None = None,
+    ) -> str:
+        data: dict[str, Any] = {
+            "id": self.plan.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.request.model,
+            "choices": []
+            if index is None
+            else [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        if self.request.include_usage:
+            data["usage"] = self.usage.usage().model_dump() if index is None else None
+        return sse_event(data)
+
+    async def events(self, streams: ChoiceStreams) -> AsyncIterator[str]:
+        if self.request.echo:
+            for index in range(len(self.finished)):
+                prompt = self.plan.prompts[self.plan.prompt_of(index)]
+                self.text_offsets[index] = len(prompt)
+                yield self.event(index, prompt)
+        last: dict[int, GenerateChunk] = {}
+        async for index, chunk in streams.chunks():
+            if self.finished[index]:
+                continue
+            if worker_failed(chunk):
+                raise failure(chunk, PROMPT_PARAM)
+            last[index] = chunk
+            event = self._progress(index, chunk)
+            if event:
+                yield event
+            if chunk.finish_reason is not None:
+                yield self._finish(index, chunk)
+        for index, done in enumerate(self.finished):
+            if not done:
+                yield self._finish(index, last.get(index, GenerateChunk()))
+        if self.request.include_usage:
+            yield self.event(None)
+
+    def _progress(self, index: int, chunk: GenerateChunk) -> str | None:
+        tracker = self.trackers[index]
+        text = tracker.delta(chunk)
+        logprobs = None
+        top = self.request.logprobs
+        if top is not None:
+            fresh = tracker.new_logprobs(chunk)
+            if fresh:
+                logprobs = completion_logprobs(fresh, top, self.text_offsets[index])
+                self.text_offsets[index] += sum(len(e.token) for e in fresh)
+        if not text and logprobs is None:
+            return None
+        return self.event(index, text, logprobs=logprobs)
+
+    def _finish(self, index: int, chunk: GenerateChunk) -> str:
+        self.finished[index] = True
+        self.usage.record(index, self.plan.prompt_of(index), chunk)
+        return self.event(index, finish=finish_reason(chunk))

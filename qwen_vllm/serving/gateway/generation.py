@@ -1,0 +1,389 @@
+"""Running worker generations for one API request: n choices, streams, limits.
+
+Worker chunks carry an optional `logprobs` extension describing the generated
+tokens (FastChat's completion-style shape)::
+
+    {
+      "tokens": ["Hello", ","],             # decoded text of each token
+      "token_logprobs": [-0.1, -2.3],       # logprob of each sampled token
+      "top_logprobs": [{"Hello": -0.1, "Hi": -2.5}, {",": -2.3, "!": -0.2}],
+      "offset": 0                           # optional, default 0
+    }
+
+`offset` is the position in the output of the first listed token. Like
+`text`, the lists may cover the whole output so far (offset 0 every time),
+or, to save bandwidth, only the tokens since the previous chunk (offset =
+tokens sent before). `top_logprobs` entries hold the requested number of
+alternatives (GenerateParams.logprobs; 0: the sampled token only) and may
+include the sampled token. `text_offset`, if present, is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from qwen_vllm.serving.client import BackendError
+from qwen_vllm.serving.gateway.backend import Backend
+from qwen_vllm.serving.gateway.errors import (
+    APIError,
+    bad_request,
+    from_backend,
+    from_chunk,
+)
+from qwen_vllm.serving.gateway.openai_models import SamplingRequest, Usage
+from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
+from qwen_vllm.serving.settings import GatewaySettings
+from qwen_vllm.vocab import STOP_TOKEN_IDS
+
+logger = logging.getLogger(__name__)
+
+DONE_EVENT = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]  # best first
+
+
+def sampling_fields(request: SamplingRequest, max_tokens: int | None) -> dict[str, Any]:
+    """GenerateParams fields the client set; unset ones stay the worker's."""
+    fields: dict[str, Any] = {
+        "max_new_tokens": max_tokens,  # None: the rest of the context
+        "stop_token_ids": list(STOP_TOKEN_IDS),
+    }
+    for name in (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
+        value = getattr(request, name)
+        if value is not None:
+            fields[name] = value
+    if request.top_k is not None:
+        fields["top_k"] = -1 if request.top_k == 0 else request.top_k
+    return fields
+
+
+def check_limits(
+    request: SamplingRequest, max_tokens: int | None, settings: GatewaySettings
+) -> None:
+    if request.n > settings.max_n:
+        raise bad_request(f"n must be at most {settings.max_n}.", "n")
+    if max_tokens is not None and max_tokens > settings.max_tokens_limit:
+        raise bad_request(
+            f"max_tokens must be at most {settings.max_tokens_limit}.", "max_tokens"
+        )
+
+
+async def context_length(backend: Backend, model: str) -> int | None:
+    """The model's context; raises for unknown models or no workers."""
+    try:
+        details = await backend.model_details(model)
+    except BackendError as exc:
+        error = from_backend(exc)
+        if error.status in (404, 503):
+            raise error from exc
+        logger.warning("No context length for %s: %s", model, exc)
+        return None
+    return details.context_length
+
+
+def check_context(max_tokens: int | None, context: int | None) -> None:
+    if max_tokens is not None and context is not None and max_tokens >= context:
+        raise bad_request(
+            f"max_tokens ({max_tokens}) leaves no room for the prompt: this "
+            f"model's context length is {context} tokens.",
+            "max_tokens",
+        )
+
+
+def choice_params(base: GenerateParams, request_id: str, n: int, seed: int | None):
+    """One worker request per choice, each with its own seed and id."""
+    for index in range(n):
+        update: dict[str, Any] = {"request_id": f"{request_id}-{index}"}
+        if seed is not None:
+            update["seed"] = seed + index
+        params = base.model_copy(update=update)
+        params.model_fields_set.update(update)
+        yield params
+
+
+async def generate_all(
+    backend: Backend, model: str, params: Sequence[GenerateParams]
+) -> list[GenerateChunk]:
+    """Whole generations, concurrently; the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(backend.generate(model, p)) for p in params]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BackendError as exc:
+        raise from_backend(exc) from exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class TextTracker:
+    """Turns FastChat's whole-text-so-far chunks into deltas."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.tokens_seen = 0
+
+    def delta(self, chunk: GenerateChunk) -> str:
+        text = chunk.text
+        # A trailing U+FFFD is half a character still being decoded.
+        if chunk.finish_reason is None and text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if len(text) <= len(self.text):
+            return ""
+        if not text.startswith(self.text):
+            logger.debug("Worker rewrote streamed text; keeping what was sent")
+        delta = text[len(self.text) :]
+        self.text = text
+        return delta
+
+    def new_logprobs(self, chunk: GenerateChunk) -> list[TokenLogprob]:
+        entries = parse_logprobs(chunk.logprobs)
+        offset = (chunk.logprobs or {}).get("offset", 0)
+        fresh = [
+            entry
+            for position, entry in enumerate(entries, start=offset)
+            if position >= self.tokens_seen
+        ]
+        self.tokens_seen = max(self.tokens_seen, offset + len(entries))
+        return fresh
+
+
+def parse_logprobs(raw: dict[str, Any] | None) -> list[TokenLogprob]:
+    if not raw:
+        return []
+    tokens = raw.get("tokens") or []
+    chosen = raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or []
+    entries = []
+    for index, token in enumerate(tokens):
+        logprob = chosen[index] if index < len(chosen) else None
+        top = tops[index] if index < len(tops) and tops[index] else {}
+        alternatives = sorted(top.items(), key=lambda item: -item[1])
+        entries.append(
+            TokenLogprob(
+                str(token),
+                float(logprob) if logprob is not None else float("-inf"),
+                tuple(alternatives),
+            )
+        )
+    return entries
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], top: int) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                    for t, lp in e.top[:top]
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], top: int, start_offset: int
+) -> dict[str, Any]:
+    offsets, position = [], start_offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top[:top]) if top else None for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def finish_reason(chunk: GenerateChunk) -> str:
+    return "length" if chunk.finish_reason == "length" else "stop"
+
+
+def worker_failed(chunk: GenerateChunk) -> bool:
+    return bool(chunk.error_code) or chunk.finish_reason in ("error", "abort")
+
+
+def failure(chunk: GenerateChunk, prompt_param: str) -> APIError:
+    """The error behind a chunk for which worker_failed() is true."""
+    if not chunk.error_code:  # aborted or failed without a code: text is output
+        return APIError(502, "The worker aborted the generation.", code="worker_error")
+    return from_chunk(chunk, prompt_param)
+
+
+@dataclass
+class UsageCounter:
+    """Usage of n choices: each distinct prompt's tokens count once."""
+
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    completion_tokens: dict[int, int] = field(default_factory=dict)
+
+    def record(self, choice: int, prompt_group: int, chunk: GenerateChunk) -> None:
+        self.prompt_tokens[prompt_group] = chunk.usage.prompt_tokens
+        self.completion_tokens[choice] = chunk.usage.completion_tokens
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(self.completion_tokens.values())
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+        )
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """Server-sent events, and how to close their worker streams even if the
+    events are never iterated."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], Awaitable[None]]
+
+
+_DONE = object()
+# Chunks buffered per choice before the worker stream is made to wait.
+_BUFFERED_CHUNKS = 16
+
+
+class ChoiceStreams:
+    """The worker streams of one request's choices, read as one.
+
+    open() waits for every stream's first chunk, so failures before any
+    output (raised, or reported in a first chunk) become HTTP errors. Each stream is read by its own task from start
+    to end. close() (idempotent) stops the readers, which closes every
+    upstream stream and so aborts the worker requests.
+    """
+
+    def __init__(self, streams: list[AsyncIterator[GenerateChunk]]) -> None:
+        self._streams = streams
+        self._firsts: list[asyncio.Future[GenerateChunk]] = []
+        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(
+            _BUFFERED_CHUNKS * len(streams)
+        )
+        self._readers: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        backend: Backend,
+        model: str,
+        params: Sequence[GenerateParams],
+        prompt_param: str,
+    ) -> ChoiceStreams:
+        """Starts every stream; an error before any output raises APIError."""
+        self = cls([backend.generate_stream(model, p) for p in params])
+        loop = asyncio.get_running_loop()
+        self._firsts = [loop.create_future() for _ in self._streams]
+        self._readers = [
+            asyncio.ensure_future(self._read(index, stream, first))
+            for index, (stream, first) in enumerate(
+                zip(self._streams, self._firsts, strict=True)
+            )
+        ]
+        try:
+            await asyncio.gather(*self._firsts)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, BackendError):
+                raise from_backend(exc) from exc
+            raise
+        for first in self._firsts:
+            if worker_failed(first.result()):
+                await self.close()
+                raise failure(first.result(), prompt_param)
+        return self
+
+    async def chunks(self) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        """(choice index, chunk) pairs: every first chunk, then the rest."""
+        for index, first in enumerate(self._firsts):
+            yield index, first.result()
+        running = len(self._readers)
+        while running:
+            index, item = await self._queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+
+    async def _read(
+        self,
+        index: int,
+        stream: AsyncIterator[GenerateChunk],
+        first: asyncio.Future[GenerateChunk],
+    ) -> None:
+        try:
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                raise APIError(
+                    502,
+                    "The worker closed the stream without output.",
+                    code="worker_error",
+                ) from None
+            if first.cancelled():  # open() was given up
+                return
+            first.set_result(chunk)
+            async for chunk in stream:
+                await self._queue.put((index, chunk))
+        except asyncio.CancelledError:
+            first.cancel()
+            raise
+        except Exception as exc:
+            if not first.done():
+                first.set_exception(exc)
+                return
+            if not isinstance(exc, APIError | BackendError):
+                logger.exception("Worker stream %d failed", index)
+                exc = APIError(502, "The worker stream failed.", code="worker_error")
+            elif isinstance(exc, BackendError):
+                exc = from_backend(exc)
+            await self._queue.put((index, exc))
+        finally:
+            if not self._closed and first.done() and not first.cancelled():
+                await self._queue.put((index, _DONE))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Shielded: this runs while the response task is being cancelled.
+        with anyio.CancelScope(shield=True):
+            for reader in self._readers:
+                reader.cancel()
+            await asyncio.gather(*self._readers, return_exceptions=True)
+            for stream in self._streams:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,149 @@
+"""FastChat's wire protocol between controller, workers and front ends.
+
+The field names are FastChat's, so its own controller, workers, API server and
+web UI interoperate with ours. Fields FastChat does not know are extensions
+that FastChat peers ignore. Pure Python: imported by every service.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Workers stream JSON objects separated by NUL bytes.
+STREAM_DELIMITER = b"\0"
+# Header carrying the shared secret that guards controller and worker endpoints.
+INTERNAL_TOKEN_HEADER = "X-Qwen-Vllm-Token"
+# FastChat's conversation template for Qwen v1 chat models.
+QWEN_CONV_TEMPLATE = "qwen-7b-chat"
+
+
+class ErrorCode(IntEnum):
+    """FastChat's error codes (fastchat.constants.ErrorCode), same values."""
+
+    VALIDATION_TYPE_ERROR = 40001
+    INVALID_AUTH_KEY = 40101
+    INCORRECT_AUTH_KEY = 40102
+    NO_PERMISSION = 40103
+    INVALID_MODEL = 40301
+    PARAM_OUT_OF_RANGE = 40302
+    CONTEXT_OVERFLOW = 40303
+    RATE_LIMIT = 42901
+    QUOTA_EXCEEDED = 42902
+    ENGINE_OVERLOADED = 42903
+    INTERNAL_ERROR = 50001
+    CUDA_OUT_OF_MEMORY = 50002
+    GRADIO_REQUEST_ERROR = 50003
+    GRADIO_STREAM_UNKNOWN_ERROR = 50004
+    CONTROLLER_NO_WORKER = 50005
+    CONTROLLER_WORKER_TIMEOUT = 50006
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class WorkerStatus(_Message):
+    model_names: list[str]
+    speed: int = 1
+    queue_length: int = 0
+
+
+class RegisterWorkerRequest(_Message):
+    worker_name: str  # the worker's base URL
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None
+    multimodal: bool = False
+
+
+class HeartbeatRequest(_Message):
+    worker_name: str
+    queue_length: int = 0
+
+
+class ModelRequest(_Message):
+    model: str
+
+
+class ChatMessage(_Message):
+    role: str
+    content: str
+
+
+class GenerateParams(_Message):
+    """Body of /worker_generate_stream and /worker_generate.
+
+    FastChat sends a rendered `prompt`; our gateway and web UI send `messages`
+    instead, which the worker renders to ChatML token ids itself, so that text
+    a user typed can never become a control token.
+    """
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = -1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = 256
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    seed: int | None = None
+    request_id: str | None = None
+    # The gateway trims chat history to the model's window; FastChat does not.
+    max_window_size: int | None = None
+    use_beam_search: bool | None = None
+    best_of: int | None = None
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class GenerateChunk(_Message):
+    """One streamed state: `text` is the whole output so far (FastChat style)."""
+
+    text: str = ""
+    error_code: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: FinishReason | None = None
+    # Extensions: the stop reason in detail and OpenAI-style logprobs.
+    logprobs: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode() + STREAM_DELIMITER
+
+
+def error_chunk(code: ErrorCode, message: str) -> GenerateChunk:
+    return GenerateChunk(text=message, error_code=int(code), finish_reason="error")
+
+
+async def iter_stream_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+    """Decode a NUL-delimited JSON stream as FastChat workers produce it."""
+    buffer = b""
+    async for raw in byte_chunks:
+        buffer += raw
+        while (end := buffer.find(STREAM_DELIMITER)) >= 0:
+            piece, buffer = buffer[:end], buffer[end + 1 :]
+            if piece:
+                yield json.loads(piece)
+    if buffer.strip():
+        yield json.loads(buffer)

@@ -1,0 +1,351 @@
+"""Settings of every service, in one place.
+
+Each field is a CLI flag (`--field-name`), an environment variable
+(`QWEN_VLLM_FIELD_NAME`) and a key of an optional YAML file (`--config`), with
+that precedence. The launch scripts and Kubernetes manifests set the same
+names. Pure Python: no vLLM, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "QWEN_VLLM_"
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True
+    )
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the service binds to (0.0.0.0 to accept remote "
+        "clients, e.g. in a container).",
+    )
+    internal_token: SecretStr | None = Field(
+        None,
+        description="Shared secret guarding controller and worker endpoints; "
+        "every component of one deployment must use the same value.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log verbosity."
+    )
+
+
+class ControllerFields(_Settings):
+    controller_port: int = Field(21001, description="Controller port.")
+    controller_address: str | None = Field(
+        None,
+        description="URL at which the controller is reached "
+        "(default: http://<host>:<controller-port>).",
+    )
+    dispatch_method: Literal["shortest_queue", "lottery"] = Field(
+        "shortest_queue",
+        description="How the controller picks a worker: fewest queued requests, "
+        "or random weighted by speed.",
+    )
+    health_check_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between the controller's health probes of each worker.",
+    )
+    unhealthy_after_failures: int = Field(
+        2,
+        ge=1,
+        description="Failed probes in a row after which a worker gets no traffic.",
+    )
+
+    def controller_url(self) -> str:
+        if self.controller_address:
+            return self.controller_address.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.controller_port}"
+
+
+class WorkerFields(_Settings):
+    model: str | None = Field(
+        None,
+        description="Qwen v1 checkpoint directory; default: the embedded demo "
+        "model, generated on first use.",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Name clients use for the model (default: the checkpoint "
+        "directory's name).",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs (CPU: cores) per worker, split by tensor parallelism.",
+    )
+    worker_port: int = Field(21002, description="Port of the (first) worker.")
+    worker_address: str | None = Field(
+        None,
+        description="URL at which the controller and gateway reach this worker "
+        "(default: http://<host>:<worker-port>).",
+    )
+    heartbeat_interval: float = Field(
+        5.0, gt=0, description="Seconds between the worker's heartbeats."
+    )
+    dtype: str = Field("auto", description="Weight dtype passed to vLLM.")
+    max_model_len: int | None = Field(
+        None, description="Longest context (default: the checkpoint's)."
+    )
+    kv_cache_dtype: str = Field(
+        "auto", description="vLLM KV cache dtype (auto, fp8_e4m3, fp8_e5m2)."
+    )
+    max_num_seqs: int | None = Field(
+        None, description="Most sequences the engine batches at once."
+    )
+    enforce_eager: bool = Field(
+        False, description="Disable CUDA graphs / torch.compile (faster start)."
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM engine arguments (YAML mapping, or JSON in the "
+        "environment).",
+    )
+
+    def served_model_name(self) -> str:
+        from qwen_vllm.model.demo import DEMO_MODEL_NAME
+
+        if self.model_name:
+            return self.model_name
+        if self.model is None:
+            return DEMO_MODEL_NAME
+        return Path(self.model).resolve().name
+
+
+class GatewayFields(_Settings):
+    port: int = Field(8000, description="Port of the OpenAI-compatible API.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys accepted as Bearer tokens (comma-separated in "
+        "QWEN_VLLM_API_KEYS); none: the API is open.",
+    )
+    max_body_bytes: int = Field(
+        1 << 20, gt=0, description="Largest accepted request body, in bytes."
+    )
+    max_tokens_limit: int = Field(
+        8192, gt=0, description="Largest max_tokens a request may ask for."
+    )
+    max_n: int = Field(
+        8, gt=0, description="Largest n (choices) a request may ask for."
+    )
+    max_concurrent_per_key: int = Field(
+        64, gt=0, description="Requests one API key may have in flight at once."
+    )
+    requests_per_second_per_key: float = Field(
+        50.0, gt=0, description="Sustained request rate allowed per API key."
+    )
+    burst_per_key: int = Field(
+        100, gt=0, description="Requests per key allowed in a burst above that rate."
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a worker may take for one request."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+
+class WebUIFields(_Settings):
+    webui_port: int = Field(7860, description="Port of the web UI.")
+    webui_password: SecretStr | None = Field(
+        None, description="Password of the web UI (user 'qwen'); none: open."
+    )
+    webui_root_path: str = Field(
+        "", description="URL prefix when the UI sits behind a proxy or ingress."
+    )
+
+
+class ControllerSettings(ControllerFields):
+    """`qwen-vllm controller`."""
+
+
+class WorkerSettings(WorkerFields, ControllerFields):
+    """`qwen-vllm worker`."""
+
+
+class GatewaySettings(GatewayFields, ControllerFields):
+    """`qwen-vllm gateway`."""
+
+
+class WebUISettings(WebUIFields, ControllerFields):
+    """`qwen-vllm webui`."""
+
+
+class ServeSettings(WebUIFields, GatewayFields, WorkerFields, ControllerFields):
+    """`qwen-vllm serve`: the whole stack, supervised by Ray."""
+
+    num_workers: int = Field(1, ge=1, description="Workers serving the model.")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join ('auto' or host:port); default: start "
+        "a local one on 127.0.0.1.",
+    )
+    webui: bool = Field(True, description="Start the web UI.")
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[_Settings]) -> None:
+    """One flag per field; values left None so env and YAML can fill them."""
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML file with settings."
+    )
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
+        base = _base_type(field.annotation)
+        if base is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        elif name == "api_keys":
+            parser.add_argument(
+                "--api-key",
+                dest="api_keys",
+                action="append",
+                default=None,
+                metavar="KEY",
+                help=help_text + " (repeat for several keys)",
+            )
+        elif base is dict:
+            parser.add_argument(
+                flag, type=_parse_mapping, default=None, metavar="JSON", help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, default=None, metavar=name.upper(), help=help_text
+            )
+
+
+def _base_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else annotation
+    return origin or annotation
+
+
+def _parse_mapping(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON/YAML mapping, got {text!r}")
+    return value
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate, explained per field."""
+
+
+def settings_from_args(
+    cls: type[S], args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> S:
+    """CLI values over environment over YAML file over defaults."""
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(
+                f"cannot read settings file {config_file}: {exc}"
+            ) from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {config_file} must hold a mapping")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    env = os.environ if environ is None else environ
+    for name in cls.model_fields:
+        env_value = env.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+        cli_value = getattr(args, name, None)
+        if cli_value is not None:
+            values[name] = cli_value
+    return build_settings(cls, values)
+
+
+def build_settings(cls: type[S], values: dict[str, Any]) -> S:
+    """Validate explicit values (no environment lookup) with readable errors."""
+    unknown = sorted(set(values) - set(cls.model_fields))
+    if unknown:
+        raise SettingsError(
+            "unknown setting(s): " + ", ".join(u.replace("_", "-") for u in unknown)
+        )
+    try:
+        return cls.model_validate(_decode_env_json(cls, values))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(problems) from exc
+
+
+def _decode_env_json(cls: type[_Settings], values: dict[str, Any]) -> dict[str, Any]:
+    decoded = dict(values)
+    for name, value in values.items():
+        if (
+            isinstance(value, str)
+            and _base_type(cls.model_fields[name].annotation) is dict
+        ):
+            decoded[name] = _parse_mapping(value)
+    return decoded
+
+
+def subset(settings: _Settings, cls: type[S], **overrides: Any) -> S:
+    """The settings of one component, taken from a larger settings object."""
+    values = {
+        name: getattr(settings, name)
+        for name in cls.model_fields
+        if name in type(settings).model_fields
+    }
+    values.update(overrides)
+    return cls.model_validate(values)
+
+
+def env_for(settings: _Settings, fields: Sequence[str] | None = None) -> dict[str, str]:
+    """Environment variables that reproduce these settings in another process."""
+    out: dict[str, str] = {}
+    for name in fields or type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, list):
+            value = ",".join(
+                v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+                for v in value
+            )
+        elif isinstance(value, dict):
+            import json
+
+            value = json.dumps(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        out[ENV_PREFIX + name.upper()] = str(value)
+    return out

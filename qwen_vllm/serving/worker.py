@@ -1,0 +1,252 @@
+"""A FastChat-protocol model worker around an engine (vLLM in production).
+
+The app only speaks HTTP; everything about generation sits behind `Engine`,
+so tests run the same routes over a fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from qwen_vllm.serving.protocol import (
+    INTERNAL_TOKEN_HEADER,
+    QWEN_CONV_TEMPLATE,
+    ErrorCode,
+    GenerateChunk,
+    GenerateParams,
+    error_chunk,
+)
+from qwen_vllm.serving.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the worker needs from a model engine."""
+
+    context_length: int
+
+    def queue_length(self) -> int: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, params: GenerateParams) -> AsyncIterator[GenerateChunk]: ...
+
+    async def check_health(self) -> None: ...
+
+
+def worker_url(settings: WorkerSettings) -> str:
+    if settings.worker_address:
+        return settings.worker_address.rstrip("/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.worker_port}"
+
+
+class ControllerLink:
+    """Registration and heartbeats: keeps this worker known to the controller."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = client
+        self.url = worker_url(settings)
+        self.model_names = [settings.served_model_name()]
+        self.headers = _token_headers(settings)
+
+    def status(self) -> dict:
+        return {
+            "model_names": self.model_names,
+            "speed": 1,
+            "queue_length": self.engine.queue_length(),
+        }
+
+    async def register(self) -> None:
+        await self._post(
+            "/register_worker",
+            {
+                "worker_name": self.url,
+                "check_heart_beat": True,
+                "worker_status": self.status(),
+                "multimodal": False,
+            },
+        )
+        logger.info(
+            "registered %s (%s) with the controller", self.url, self.model_names
+        )
+
+    async def heartbeat_forever(self) -> None:
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    await self.register()
+                    registered = True
+                else:
+                    reply = await self._post(
+                        "/receive_heart_beat",
+                        {
+                            "worker_name": self.url,
+                            "queue_length": self.engine.queue_length(),
+                        },
+                    )
+                    # The controller forgot us (restart, or we were unreachable).
+                    registered = bool(reply.get("exist"))
+            except (httpx.HTTPError, ValueError) as exc:
+                registered = False
+                logger.warning("controller unreachable: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval if registered else 1.0)
+
+    async def unregister(self) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await self._post("/unregister_worker", {"worker_name": self.url})
+
+    async def _post(self, path: str, body: dict) -> dict:
+        response = await self.client.post(
+            self.settings.controller_url() + path,
+            json=body,
+            headers=self.headers,
+            timeout=5.0,
+        )
+        response.raise_for_status()
+        return response.json()
+
+
+def _token_headers(settings: WorkerSettings) -> dict[str, str]:
+    if settings.internal_token is None:
+        return {}
+    return {INTERNAL_TOKEN_HEADER: settings.internal_token.get_secret_value()}
+
+
+def create_app(
+    settings: WorkerSettings, engine: Engine, *, register: bool = True
+) -> FastAPI:
+    """The worker's HTTP app; registers with the controller while it runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with httpx.AsyncClient() as client:
+            link = ControllerLink(settings, engine, client)
+            app.state.link = link
+            task = asyncio.create_task(link.heartbeat_forever()) if register else None
+            try:
+                yield
+            finally:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    await link.unregister()
+
+    app = FastAPI(title="qwen_vllm worker", lifespan=lifespan)
+    model_name = settings.served_model_name()
+
+    async def check_token(request: Request) -> None:
+        expected = settings.internal_token
+        if expected is None:
+            return
+        given = request.headers.get(INTERNAL_TOKEN_HEADER, "")
+        if not hmac.compare_digest(
+            given.encode(), expected.get_secret_value().encode()
+        ):
+            raise HTTPException(
+                status_code=401, detail="missing or wrong internal token"
+            )
+
+    guarded = [Depends(check_token)]
+
+    async def read_params(request: Request) -> GenerateParams | GenerateChunk:
+        try:
+            return GenerateParams.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return error_chunk(ErrorCode.VALIDATION_TYPE_ERROR, _describe(exc))
+
+    @app.post("/worker_generate_stream", dependencies=guarded)
+    async def generate_stream(request: Request) -> StreamingResponse:
+        params = await read_params(request)
+        if isinstance(params, GenerateChunk):
+            return StreamingResponse(iter([params.encode()]))
+
+        async def body() -> AsyncIterator[bytes]:
+            # Starlette cancels this generator when the client disconnects;
+            # closing the engine stream then aborts the engine request.
+            stream = engine.generate(params)
+            try:
+                async for chunk in stream:
+                    yield chunk.encode()
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    @app.post("/worker_generate", dependencies=guarded)
+    async def generate(request: Request) -> JSONResponse:
+        params = await read_params(request)
+        if isinstance(params, GenerateChunk):
+            return JSONResponse(params.model_dump(exclude_none=True))
+        last = GenerateChunk()
+        async for chunk in engine.generate(params):
+            last = chunk
+        return JSONResponse(last.model_dump(exclude_none=True))
+
+    @app.post("/worker_get_status", dependencies=guarded)
+    async def get_status(request: Request) -> dict:
+        return request.app.state.link.status()
+
+    @app.post("/count_token", dependencies=guarded)
+    async def count_token(request: Request) -> dict:
+        body = await _json_body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return {"count": 0, "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}
+        return {"count": engine.count_tokens(prompt), "error_code": 0}
+
+    @app.post("/worker_get_conv_template", dependencies=guarded)
+    async def get_conv_template() -> dict:
+        from fastchat.conversation import get_conv_template
+
+        return {"conv": jsonable_encoder(get_conv_template(QWEN_CONV_TEMPLATE))}
+
+    @app.post("/model_details", dependencies=guarded)
+    async def model_details() -> dict:
+        return {"context_length": engine.context_length, "model": model_name}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            await engine.check_health()
+        except Exception as exc:  # a dead engine: report, do not raise
+            return JSONResponse({"status": "error", "detail": str(exc)}, 503)
+        return JSONResponse({"status": "ok", "queue_length": engine.queue_length()})
+
+    return app
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+    )

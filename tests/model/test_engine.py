@@ -1,0 +1,133 @@
+"""The plugin inside vLLM's engine against the independent reference.
+
+fp32 end to end: the same greedy tokens for 32 steps on prompts of several
+lengths batched together, and every logprob (prompt and output) within 1e-3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from qwen_vllm.model.demo import write_demo_model
+from tests.conftest import WIDE_SPEC
+from tests.reference_qwen import ReferenceQwenV1
+
+pytestmark = pytest.mark.slow
+
+STEPS = 32
+TEXTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "通义千问是阿里云研发的大语言模型。请介绍一下你自己，并写一首关于秋天的短诗。",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(wide_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from qwen_vllm import plugin
+
+    plugin.register()
+    tokenizer = AutoTokenizer.from_pretrained(wide_dir)
+    ids = [tokenizer.encode(text) for text in TEXTS]
+    assert len({len(i) for i in ids}) == len(ids)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def expected(wide_dir, prompts):
+    """Reference greedy tokens, their logprobs and the prompt logprobs."""
+    import torch
+
+    reference = ReferenceQwenV1.from_dir(wide_dir)
+    results = []
+    for prompt in prompts:
+        tokens, logprobs = reference.greedy(prompt, STEPS)
+        all_logprobs = torch.log_softmax(reference.logits(prompt), -1)
+        prompt_logprobs = [float(all_logprobs[i, t]) for i, t in enumerate(prompt[1:])]
+        results.append((tokens, logprobs, prompt_logprobs))
+    return results
+
+
+def run_engine(path, prompts, **engine_kwargs):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(path), dtype="float32", max_model_len=512, seed=0, **engine_kwargs
+    )
+    try:
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=STEPS,
+            logprobs=0,
+            prompt_logprobs=0,
+            ignore_eos=True,
+            detokenize=False,
+        )
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = [
+            lp[t].logprob for t, lp in zip(token_ids, completion.logprobs, strict=True)
+        ]
+        prompt_logprobs = [
+            lp[t].logprob
+            for t, lp in zip(
+                out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True
+            )
+        ]
+        results.append((token_ids, logprobs, prompt_logprobs))
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp1(wide_dir, prompts):
+    return run_engine(wide_dir, prompts, enforce_eager=True)
+
+
+def _assert_matches(results, expected):
+    for got, want in zip(results, expected, strict=True):
+        assert got[0] == want[0], (
+            f"greedy tokens differ for a {len(got[2]) + 1}-token prompt"
+        )
+        assert len(got[0]) == STEPS
+        for kind in (1, 2):
+            diff = max(
+                (abs(a - b) for a, b in zip(got[kind], want[kind], strict=True)),
+                default=0.0,
+            )
+            assert len(got[kind]) == len(want[kind])
+            assert diff < 1e-3
+
+
+def test_greedy_tokens_and_logprobs_match_the_reference(tp1, expected):
+    _assert_matches(tp1, expected)
+
+
+def test_tensor_parallel_2_matches_tp1_on_a_sharded_bin_checkpoint(
+    tmp_path_factory, tp1, prompts, expected, monkeypatch
+):
+    # The same weights (same seed) stored as sharded pytorch .bin files.
+    spec = dataclasses.replace(WIDE_SPEC, weight_format="bin", num_shards=2)
+    path = write_demo_model(tmp_path_factory.mktemp("models") / "wide-bin", spec)
+    # One core per rank: vLLM's CPU backend needs an explicit binding for TP.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert os.cpu_count() >= 2
+    tp2 = run_engine(
+        path,
+        prompts,
+        tensor_parallel_size=2,
+        distributed_executor_backend="mp",
+        enforce_eager=True,
+    )
+    assert [r[0] for r in tp2] == [r[0] for r in tp1]
+    _assert_matches(tp2, expected)

@@ -1,0 +1,129 @@
+"""Weight loading through vLLM's real loader, without starting an engine.
+
+The model is built in this process (world size 1) and filled by vLLM's
+DefaultModelLoader from checkpoints in every layout real releases use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from tests.conftest import free_port
+from tests.reference_qwen import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def load():
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    def _load(path, dtype="float32"):
+        args = EngineArgs(
+            model=str(path),
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=256,
+            skip_tokenizer_init=True,
+        )
+        config = args.create_engine_config()
+        with set_current_vllm_config(config):
+            if not model_parallel_is_initialized():
+                init_distributed_environment(
+                    world_size=1,
+                    rank=0,
+                    local_rank=0,
+                    distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+                    backend="gloo",
+                )
+                initialize_model_parallel(1, 1)
+            with set_default_torch_dtype(config.model_config.dtype):
+                model = initialize_model(vllm_config=config)
+            get_model_loader(config.load_config).load_weights(
+                model, config.model_config
+            )
+        return model
+
+    return _load
+
+
+def assert_matches_checkpoint(model, path):
+    _, weights = read_checkpoint(path)
+    params = dict(model.named_parameters())
+    layers = model.config.num_hidden_layers
+    for i in range(layers):
+        p = f"transformer.h.{i}"
+        gate_up = params[f"{p}.mlp.gate_up_proj.weight"].double()
+        expected = torch.cat(
+            [weights[f"{p}.mlp.w2.weight"], weights[f"{p}.mlp.w1.weight"]]
+        )
+        assert torch.equal(gate_up, expected), f"{p}: gate is w2, up is w1"
+        assert torch.equal(
+            params[f"{p}.attn.c_attn.weight"].double(),
+            weights[f"{p}.attn.c_attn.weight"],
+        )
+        assert torch.equal(
+            params[f"{p}.attn.c_attn.bias"].double(), weights[f"{p}.attn.c_attn.bias"]
+        )
+        assert torch.equal(
+            params[f"{p}.mlp.c_proj.weight"].double(), weights[f"{p}.mlp.c_proj.weight"]
+        )
+    assert torch.equal(params["lm_head.weight"].double(), weights["lm_head.weight"])
+
+
+def test_sharded_safetensors_with_gpt2_style_config(load, wide_dir):
+    model = load(wide_dir)
+    assert type(model).__name__ == "QWenLMHeadModel"
+    assert model.config.num_hidden_layers == 3
+    assert_matches_checkpoint(model, wide_dir)
+
+
+def test_sharded_bin_checkpoint(load, tmp_path):
+    path = write_demo_model(
+        tmp_path / "bin",
+        DemoModelSpec(dtype="float32", num_shards=2, weight_format="bin"),
+    )
+    assert_matches_checkpoint(load(path), path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision(load, demo_dir, dtype):
+    model = load(demo_dir, dtype=dtype)
+    assert model.lm_head.weight.dtype == getattr(torch, dtype)
+
+
+def _rewrite(path, change):
+    file = path / "model.safetensors"
+    weights = load_file(file)
+    change(weights)
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def test_missing_weight_is_named(load, tmp_path):
+    path = write_demo_model(tmp_path / "m", DemoModelSpec(dtype="float32"))
+    _rewrite(path, lambda w: w.pop("transformer.h.1.mlp.w1.weight"))
+    with pytest.raises(
+        ValueError, match=r"missing weights.*transformer\.h\.1\.mlp\.w1"
+    ):
+        load(path)
+
+
+def test_unexpected_weight_is_named(load, tmp_path):
+    path = write_demo_model(tmp_path / "x", DemoModelSpec(dtype="float32"))
+    _rewrite(
+        path, lambda w: w.update({"transformer.h.0.attn.k_norm.weight": torch.ones(32)})
+    )
+    with pytest.raises(
+        ValueError, match=r"Unexpected weight 'transformer\.h\.0\.attn\.k_norm"
+    ):
+        load(path)
