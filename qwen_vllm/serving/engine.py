@@ -100,7 +100,13 @@ class VllmEngine:
             messages = [m.model_dump() for m in params.messages]
             window = params.max_window_size or DEFAULT_MAX_WINDOW_SIZE
             try:
-                ids = build_prompt_ids(messages, self.tokenizer.encode_plain, window)
+                ids = build_prompt_ids(
+                    messages,
+                    self.tokenizer.encode_plain,
+                    window,
+                    add_generation_prompt=not params.continue_final_message,
+                    continue_final_message=params.continue_final_message,
+                )
             except ValueError as exc:
                 raise RequestError(ErrorCode.VALIDATION_TYPE_ERROR, str(exc)) from exc
         elif params.prompt is not None:

@@ -69,6 +69,11 @@ class ModelRequest(_Message):
     model: str
 
 
+class WorkerAddressRequest(ModelRequest):
+    # Extension: workers that just failed this request, to be avoided.
+    exclude: list[str] = Field(default_factory=list)
+
+
 class ChatMessage(_Message):
     role: str
     content: str
@@ -100,6 +105,9 @@ class GenerateParams(_Message):
     request_id: str | None = None
     # The gateway trims chat history to the model's window; FastChat does not.
     max_window_size: int | None = None
+    # Leave the last (assistant) message open for the model to continue, as
+    # ReAct tool results need ("...\nObservation: ...\nThought:").
+    continue_final_message: bool = False
     use_beam_search: bool | None = None
     best_of: int | None = None
 

@@ -327,7 +327,7 @@ PIECES = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(
     text=st.lists(st.sampled_from(PIECES), max_size=14).map("".join),
     cuts=st.lists(st.integers(min_value=0, max_value=6), max_size=30),

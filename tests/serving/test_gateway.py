@@ -481,7 +481,7 @@ async def test_tool_call_round_trip(
     assert (resent.messages or [])[-1].content == (
         CALL_REPLY + "\nObservation: Sunny, 21 C\nThought:"
     )
-    assert resent.model_extra == {"continue_final_message": True}
+    assert resent.continue_final_message is True
 
 
 async def test_streamed_tool_call_round_trip(

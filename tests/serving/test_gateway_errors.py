@@ -184,6 +184,8 @@ async def test_limits_on_n_and_max_tokens(app: Any, backend: FakeBackend) -> Non
         assert_error(too_many, 400, "invalid_request_error", "n", mentions="4")
         over_limit = await client.post(CHAT, json=chat_body(max_tokens=100_000))
         assert_error(over_limit, 400, "invalid_request_error", "max_tokens", "8192")
+        newer_name = await client.post(CHAT, json=chat_body(max_completion_tokens=2048))
+        assert_error(newer_name, 400, "invalid_request_error", "max_completion_tokens")
         over_context = await client.post(
             COMPLETIONS, json={"model": MODEL, "prompt": "x", "max_tokens": 4000}
         )

@@ -83,7 +83,10 @@ def create_app(settings: GatewaySettings, backend: Backend | None = None) -> Fas
             yield
             return
         timeout = httpx.Timeout(settings.request_timeout, connect=5.0)
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        # Each streamed choice holds a worker connection for its whole length;
+        # the per-key limits bound how many there are.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             app.state.gateway = gateway_for(
                 ControllerClient.from_settings(http, settings)
             )

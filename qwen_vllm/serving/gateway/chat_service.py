@@ -129,8 +129,13 @@ class ChatService:
         self.metrics = metrics
 
     async def plan(self, request: ChatCompletionRequest) -> ChatPlan:
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        check_limits(request, max_tokens, self.settings)
+        max_tokens, max_param = request.max_tokens, "max_tokens"
+        if request.max_completion_tokens is not None:  # OpenAI's newer name
+            max_tokens, max_param = (
+                request.max_completion_tokens,
+                "max_completion_tokens",
+            )
+        check_limits(request, max_tokens, self.settings, max_param)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs: true.", "top_logprobs")
         tools = plan_tools(request)
@@ -142,7 +147,7 @@ class ChatService:
         except ReactFormatError as exc:
             raise bad_request(str(exc), exc.param) from exc
         context = await context_length(self.backend, request.model)
-        check_context(max_tokens, context)
+        check_context(max_tokens, context, max_param)
         if context is None:
             window = DEFAULT_MAX_WINDOW_SIZE
         elif max_tokens is not None:

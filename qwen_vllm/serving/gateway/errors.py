@@ -152,6 +152,12 @@ def from_validation(exc: RequestValidationError) -> APIError:
         if first.get("type") == "missing":
             return bad_request("A JSON request body is required.", None)
         return bad_request(f"Invalid request: {first.get('msg')}.", None)
+    if first.get("type") == "missing":
+        return bad_request(
+            f"Missing required parameter '{param}'.",
+            param,
+            "missing_required_parameter",
+        )
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return bad_request(f"Invalid value for '{param}': {message}", param)
 

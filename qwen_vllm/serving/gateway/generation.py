@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,13 +82,16 @@ def sampling_fields(request: SamplingRequest, max_tokens: int | None) -> dict[st
 
 
 def check_limits(
-    request: SamplingRequest, max_tokens: int | None, settings: GatewaySettings
+    request: SamplingRequest,
+    max_tokens: int | None,
+    settings: GatewaySettings,
+    max_param: str = "max_tokens",
 ) -> None:
     if request.n > settings.max_n:
         raise bad_request(f"n must be at most {settings.max_n}.", "n")
     if max_tokens is not None and max_tokens > settings.max_tokens_limit:
         raise bad_request(
-            f"max_tokens must be at most {settings.max_tokens_limit}.", "max_tokens"
+            f"{max_param} must be at most {settings.max_tokens_limit}.", max_param
         )
 
 
@@ -105,16 +108,20 @@ async def context_length(backend: Backend, model: str) -> int | None:
     return details.context_length
 
 
-def check_context(max_tokens: int | None, context: int | None) -> None:
+def check_context(
+    max_tokens: int | None, context: int | None, max_param: str = "max_tokens"
+) -> None:
     if max_tokens is not None and context is not None and max_tokens >= context:
         raise bad_request(
-            f"max_tokens ({max_tokens}) leaves no room for the prompt: this "
+            f"{max_param} ({max_tokens}) leaves no room for the prompt: this "
             f"model's context length is {context} tokens.",
-            "max_tokens",
+            max_param,
         )
 
 
-def choice_params(base: GenerateParams, request_id: str, n: int, seed: int | None):
+def choice_params(
+    base: GenerateParams, request_id: str, n: int, seed: int | None
+) -> Iterator[GenerateParams]:
     """One worker request per choice, each with its own seed and id."""
     for index in range(n):
         update: dict[str, Any] = {"request_id": f"{request_id}-{index}"}
@@ -279,9 +286,10 @@ class ChoiceStreams:
     """The worker streams of one request's choices, read as one.
 
     open() waits for every stream's first chunk, so failures before any
-    output (raised, or reported in a first chunk) become HTTP errors. Each stream is read by its own task from start
-    to end. close() (idempotent) stops the readers, which closes every
-    upstream stream and so aborts the worker requests.
+    output (raised, or reported in a first chunk) become HTTP errors. Each
+    stream is read by its own task from start to end. close() (idempotent)
+    stops the readers, which closes every upstream stream and so aborts the
+    worker requests.
     """
 
     def __init__(self, streams: list[AsyncIterator[GenerateChunk]]) -> None:
@@ -384,6 +392,8 @@ class ChoiceStreams:
             for reader in self._readers:
                 reader.cancel()
             await asyncio.gather(*self._readers, return_exceptions=True)
+            # Mark failures of streams nobody waited for as seen.
+            await asyncio.gather(*self._firsts, return_exceptions=True)
             for stream in self._streams:
                 with contextlib.suppress(Exception):
                     await stream.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,76 @@
+"""Start real server processes for tests and wait until they answer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+
+def wait_for_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with code {proc.returncode} before {url} answered"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running(
+    cmd: Sequence[str],
+    health_url: str,
+    *,
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> Iterator[subprocess.Popen]:
+    """Run cmd in its own process group; stop the whole group afterwards."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        try:
+            try:
+                wait_for_http(health_url, timeout, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{exc}\n--- {log} ---\n{tail}") from exc
+            yield proc
+        finally:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def venv_bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
