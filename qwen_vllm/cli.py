@@ -53,7 +53,132 @@ def _run_demo_model(args: argparse.Namespace) -> None:
     print(f"wrote Qwen v1 demo checkpoint to {path}")
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo_model]
+_SERVICE_HELP = {
+    "controller": "run the FastChat-protocol controller alone",
+    "worker": "run one vLLM worker alone (registers with the controller)",
+    "gateway": "run the OpenAI-compatible API gateway alone",
+    "webui": "run the web UI alone",
+}
+
+
+def _add_service(kind: str) -> Callable[[argparse._SubParsersAction], None]:
+    def add(sub: argparse._SubParsersAction) -> None:
+        from qwen_vllm.serving.runner import SERVICES
+        from qwen_vllm.serving.settings import add_arguments
+
+        p = sub.add_parser(kind, help=_SERVICE_HELP[kind])
+        add_arguments(p, SERVICES[kind].settings_cls)
+        p.set_defaults(run=lambda args: _run_service(kind, args))
+
+    return add
+
+
+def _settings(cls, args: argparse.Namespace):
+    from qwen_vllm.serving.settings import SettingsError, settings_from_args
+
+    try:
+        return settings_from_args(cls, args)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _run_service(kind: str, args: argparse.Namespace) -> None:
+    from qwen_vllm.serving.runner import SERVICES, ServiceRunner, configure_logging
+
+    settings = _settings(SERVICES[kind].settings_cls, args)
+    configure_logging(settings.log_level)
+    try:
+        ServiceRunner(kind, settings).run()
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from qwen_vllm.serving.settings import ServeSettings, add_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model with the whole stack (controller, workers, gateway, "
+        "web UI) on Ray",
+        description="Start (or join) a Ray cluster and run the controller, the "
+        "vLLM workers, the OpenAI gateway and the web UI as supervised actors. "
+        "Without --model it serves the embedded demo model.",
+    )
+    add_arguments(p, ServeSettings)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from qwen_vllm.serving.cluster import ServeError, run_serve
+    from qwen_vllm.serving.runner import configure_logging
+    from qwen_vllm.serving.settings import ServeSettings
+
+    settings = _settings(ServeSettings, args)
+    configure_logging(settings.log_level)
+    try:
+        run_serve(settings)
+    except ServeError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streams tokens)",
+        description="An interactive terminal chat: answers stream as they are "
+        "generated. Commands: :clear, :system <text>, :help, :exit.",
+    )
+    p.add_argument("--model", default=None, help="Qwen v1 checkpoint (default: demo)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="faster start")
+    p.add_argument("--verbose", action="store_true", help="show vLLM's logs")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    import os
+
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    if args.model is not None and not os.path.isfile(
+        os.path.join(args.model, "config.json")
+    ):
+        raise CliError(
+            f"--model {args.model}: no config.json there; pass the directory of a "
+            "Qwen v1 checkpoint, or omit --model for the demo model"
+        )
+    from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
+    from qwen_vllm.qwen_chat import QwenChat
+    from qwen_vllm.terminal_chat import TerminalChat
+
+    print(f"loading {args.model or 'the demo model'} ...", flush=True)
+    engine_kwargs = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
+    if args.max_model_len:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    sampling = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    if args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    with QwenChat(args.model, args.tensor_parallel_size, **engine_kwargs) as chat:
+        TerminalChat(
+            chat, system=args.system or DEFAULT_SYSTEM, sampling=sampling
+        ).run()
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_serve,
+    _add_chat,
+    *(_add_service(kind) for kind in _SERVICE_HELP),
+    _add_demo_model,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

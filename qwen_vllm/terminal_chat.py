@@ -84,7 +84,7 @@ class TerminalChat:
                 self.say(delta, end="")
         except KeyboardInterrupt:
             self.say(" [stopped]", end="")
-        except ValueError as exc:  # e.g. a prompt longer than the context
+        except Exception as exc:  # e.g. a prompt longer than the context
             self.say(f"[error: {exc}]")
             return
         self.say()

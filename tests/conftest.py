@@ -49,3 +49,80 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wide_dir(tmp_path_factory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("models") / "wide", WIDE_SPEC)
+
+
+class Stack:
+    """A running `qwen-vllm serve` deployment on loopback ports."""
+
+    api_key = "sk-test-key"
+
+    def __init__(self, model_dir: Path, log: Path) -> None:
+        self.model_dir = model_dir
+        self.model = model_dir.name
+        self.log = log
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.webui_port = free_port()
+        self.worker_port = free_port()
+        self.gateway = f"http://127.0.0.1:{self.port}"
+        self.controller = f"http://127.0.0.1:{self.controller_port}"
+        self.webui = f"http://127.0.0.1:{self.webui_port}"
+
+    def command(self) -> list[str]:
+        from tests.servers import venv_bin
+
+        return [
+            venv_bin("qwen-vllm"),
+            "serve",
+            "--model",
+            str(self.model_dir),
+            "--num-workers",
+            "2",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--port",
+            str(self.port),
+            "--controller-port",
+            str(self.controller_port),
+            "--worker-port",
+            str(self.worker_port),
+            "--webui-port",
+            str(self.webui_port),
+            "--api-key",
+            self.api_key,
+            "--heartbeat-interval",
+            "2",
+        ]
+
+    def workers(self) -> list[dict]:
+        import httpx
+
+        return httpx.get(f"{self.controller}/workers", timeout=5).json()["workers"]
+
+    def worker_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.worker_port + i}" for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def stack(demo_dir, tmp_path_factory):
+    """One `qwen-vllm serve` with two workers, shared by the stack tests."""
+    import time
+
+    import httpx
+
+    from tests.servers import running
+
+    deployment = Stack(demo_dir, tmp_path_factory.mktemp("logs") / "serve.log")
+    with running(
+        deployment.command(), f"{deployment.gateway}/health", log=deployment.log
+    ):
+        deadline = time.monotonic() + 300
+        while sum(w["healthy"] for w in deployment.workers()) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(deployment.log.read_text()[-3000:])
+            time.sleep(1)
+        headers = {"Authorization": f"Bearer {deployment.api_key}"}
+        models = httpx.get(f"{deployment.gateway}/v1/models", headers=headers)
+        assert [m["id"] for m in models.json()["data"]] == [deployment.model]
+        yield deployment

@@ -55,6 +55,10 @@ def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
         "kv_cache_dtype": settings.kv_cache_dtype,
         "enforce_eager": settings.enforce_eager,
         "disable_log_stats": True,
+        # Tensor-parallel ranks run as subprocesses of the worker, inside the
+        # worker's placement group; vLLM would otherwise pick its Ray executor
+        # whenever Ray is initialised.
+        "distributed_executor_backend": "mp",
     }
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
@@ -129,6 +133,7 @@ class VllmEngine:
 
     def sampling_params(self, params: GenerateParams, prompt_len: int):
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
 
         room = self.context_length - prompt_len
         max_tokens = room if params.max_new_tokens is None else params.max_new_tokens
@@ -156,7 +161,7 @@ class VllmEngine:
                 logprobs=params.logprobs,
                 skip_special_tokens=True,
             )
-        except ValueError as exc:
+        except (ValueError, VLLMValidationError) as exc:
             raise RequestError(ErrorCode.PARAM_OUT_OF_RANGE, str(exc)) from exc
 
     async def generate(self, params: GenerateParams) -> AsyncIterator[GenerateChunk]:

@@ -96,7 +96,8 @@ class GenerateParams(_Message):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    max_new_tokens: int | None = 256
+    # None: whatever room the context leaves.
+    max_new_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     echo: bool = False

@@ -9,6 +9,7 @@ names. Pure Python: no vLLM, no torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import types
 import typing
@@ -327,8 +328,13 @@ def subset(settings: _Settings, cls: type[S], **overrides: Any) -> S:
     return cls.model_validate(values)
 
 
-def env_for(settings: _Settings, fields: Sequence[str] | None = None) -> dict[str, str]:
-    """Environment variables that reproduce these settings in another process."""
+def to_strings(
+    settings: _Settings, fields: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Field values as the strings an environment variable would hold.
+
+    Secrets are revealed: this is how settings reach another process.
+    """
     out: dict[str, str] = {}
     for name in fields or type(settings).model_fields:
         value = getattr(settings, name)
@@ -342,10 +348,16 @@ def env_for(settings: _Settings, fields: Sequence[str] | None = None) -> dict[st
                 for v in value
             )
         elif isinstance(value, dict):
-            import json
-
             value = json.dumps(value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
-        out[ENV_PREFIX + name.upper()] = str(value)
+        out[name] = str(value)
     return out
+
+
+def env_for(settings: _Settings, fields: Sequence[str] | None = None) -> dict[str, str]:
+    """Environment variables that reproduce these settings in another process."""
+    return {
+        ENV_PREFIX + name.upper(): value
+        for name, value in to_strings(settings, fields).items()
+    }

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -128,6 +129,19 @@ class ControllerLink:
         return response.json()
 
 
+async def watch_engine(engine: Engine, interval: float = 5.0) -> None:
+    """Exit when the engine has died: the supervisor (Ray, Kubernetes) restarts
+    the worker, which is the only way back to a working engine."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await engine.check_health()
+        except Exception:
+            logger.exception("the engine died; exiting so the worker is restarted")
+            logging.shutdown()
+            os._exit(1)
+
+
 def _token_headers(settings: WorkerSettings) -> dict[str, str]:
     if settings.internal_token is None:
         return {}
@@ -144,18 +158,22 @@ def create_app(
         async with httpx.AsyncClient() as client:
             link = ControllerLink(settings, engine, client)
             app.state.link = link
-            task = asyncio.create_task(link.heartbeat_forever()) if register else None
+            tasks = [asyncio.create_task(watch_engine(engine))]
+            if register:
+                tasks.append(asyncio.create_task(link.heartbeat_forever()))
             try:
                 yield
             finally:
-                if task is not None:
+                for task in tasks:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if register:
                     await link.unregister()
 
     app = FastAPI(title="qwen_vllm worker", lifespan=lifespan)
     model_name = settings.served_model_name()
+    served = {"requests": 0}
 
     async def check_token(request: Request) -> None:
         expected = settings.internal_token
@@ -180,6 +198,7 @@ def create_app(
     @app.post("/worker_generate_stream", dependencies=guarded)
     async def generate_stream(request: Request) -> StreamingResponse:
         params = await read_params(request)
+        served["requests"] += 1
         if isinstance(params, GenerateChunk):
             return StreamingResponse(iter([params.encode()]))
 
@@ -198,6 +217,7 @@ def create_app(
     @app.post("/worker_generate", dependencies=guarded)
     async def generate(request: Request) -> JSONResponse:
         params = await read_params(request)
+        served["requests"] += 1
         if isinstance(params, GenerateChunk):
             return JSONResponse(params.model_dump(exclude_none=True))
         last = GenerateChunk()
@@ -206,8 +226,12 @@ def create_app(
         return JSONResponse(last.model_dump(exclude_none=True))
 
     @app.post("/worker_get_status", dependencies=guarded)
-    async def get_status(request: Request) -> dict:
-        return request.app.state.link.status()
+    async def get_status(request: Request) -> JSONResponse:
+        try:
+            await engine.check_health()
+        except Exception as exc:  # the controller's probe: take us out of routing
+            return JSONResponse({"error": f"engine unhealthy: {exc}"}, 503)
+        return JSONResponse(request.app.state.link.status())
 
     @app.post("/count_token", dependencies=guarded)
     async def count_token(request: Request) -> dict:
@@ -233,7 +257,15 @@ def create_app(
             await engine.check_health()
         except Exception as exc:  # a dead engine: report, do not raise
             return JSONResponse({"status": "error", "detail": str(exc)}, 503)
-        return JSONResponse({"status": "ok", "queue_length": engine.queue_length()})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": model_name,
+                "queue_length": engine.queue_length(),
+                "requests_total": served["requests"],
+                "pid": os.getpid(),
+            }
+        )
 
     return app
 

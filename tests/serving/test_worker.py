@@ -1,0 +1,282 @@
+"""The worker's HTTP protocol and the vLLM adapter, over fakes (no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import uvicorn
+
+from qwen_vllm.serving import controller as controller_module
+from qwen_vllm.serving.engine import VllmEngine
+from qwen_vllm.serving.protocol import (
+    INTERNAL_TOKEN_HEADER,
+    GenerateChunk,
+    GenerateParams,
+    Usage,
+    iter_stream_chunks,
+)
+from qwen_vllm.serving.settings import ControllerSettings, WorkerSettings
+from qwen_vllm.serving.worker import create_app
+from tests.conftest import free_port
+
+
+class FakeEngine:
+    context_length = 64
+
+    def __init__(self, words=("Hello", " world", "!")) -> None:
+        self.words = words
+        self.in_flight = 0
+        self.closed = asyncio.Event()
+        self.seen: list[GenerateParams] = []
+
+    def queue_length(self) -> int:
+        return self.in_flight
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def check_health(self) -> None:
+        return None
+
+    async def generate(self, params: GenerateParams):
+        self.seen.append(params)
+        self.in_flight += 1
+        text = ""
+        try:
+            for i, word in enumerate(self.words):
+                text += word
+                last = i == len(self.words) - 1
+                yield GenerateChunk(
+                    text=text,
+                    usage=Usage(prompt_tokens=3, completion_tokens=i + 1),
+                    finish_reason="stop" if last else None,
+                )
+                await asyncio.sleep(0.01)
+        finally:
+            self.in_flight -= 1
+            self.closed.set()
+
+
+def settings(**overrides) -> WorkerSettings:
+    return WorkerSettings.model_validate({"model_name": "qwen-test", **overrides})
+
+
+@pytest.fixture
+async def client():
+    engine = FakeEngine()
+    app = create_app(settings(), engine, register=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://worker"
+        ) as http,
+    ):
+        yield http, engine
+
+
+async def test_stream_is_nul_delimited_cumulative_text(client):
+    http, engine = client
+    reply = await http.post(
+        "/worker_generate_stream",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 3},
+    )
+    assert reply.status_code == 200
+    raw = reply.content
+    assert raw.endswith(b"\0") and raw.count(b"\0") == 3
+
+    async def body():
+        yield raw
+
+    chunks = [c async for c in iter_stream_chunks(body())]
+    assert [c["text"] for c in chunks] == ["Hello", "Hello world", "Hello world!"]
+    assert chunks[-1]["finish_reason"] == "stop"
+    assert engine.seen[0].messages[0].content == "hi"
+
+
+async def test_non_streaming_returns_the_final_state(client):
+    http, _ = client
+    reply = await http.post("/worker_generate", json={"prompt": "x"})
+    assert reply.json()["text"] == "Hello world!"
+    assert reply.json()["error_code"] == 0
+
+
+async def test_bad_params_get_an_error_chunk_not_a_crash(client):
+    http, engine = client
+    reply = await http.post("/worker_generate", json={"temperature": "hot"})
+    body = reply.json()
+    assert body["error_code"] == 40001 and "temperature" in body["text"]
+    assert engine.seen == []
+
+
+async def test_fastchat_endpoints(client):
+    from fastchat.conversation import Conversation, SeparatorStyle
+
+    http, _ = client
+    conv = (await http.post("/worker_get_conv_template", json={})).json()["conv"]
+    # FastChat's API server rebuilds a Conversation from exactly these fields.
+    rebuilt = Conversation(
+        name=conv["name"],
+        system_template=conv["system_template"],
+        system_message=conv["system_message"],
+        roles=conv["roles"],
+        messages=list(conv["messages"]),
+        offset=conv["offset"],
+        sep_style=SeparatorStyle(conv["sep_style"]),
+        sep=conv["sep"],
+        sep2=conv["sep2"],
+        stop_str=conv["stop_str"],
+        stop_token_ids=conv["stop_token_ids"],
+    )
+    assert rebuilt.name == "qwen-7b-chat"
+    assert set(rebuilt.stop_token_ids) == {151643, 151644, 151645}
+    details = (await http.post("/model_details", json={"model": "qwen-test"})).json()
+    assert details["context_length"] == FakeEngine.context_length
+    count = (await http.post("/count_token", json={"prompt": "a b c"})).json()
+    assert count == {"count": 3, "error_code": 0}
+    status = (await http.post("/worker_get_status", json={})).json()
+    assert status == {"model_names": ["qwen-test"], "speed": 1, "queue_length": 0}
+
+
+async def test_internal_token_guards_everything_but_health():
+    app = create_app(settings(internal_token="s3cret"), FakeEngine(), register=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://w"
+        ) as http,
+    ):
+        assert (await http.post("/worker_get_status", json={})).status_code == 401
+        wrong = {INTERNAL_TOKEN_HEADER: "nope"}
+        assert (
+            await http.post("/worker_generate", json={}, headers=wrong)
+        ).status_code == 401
+        right = {INTERNAL_TOKEN_HEADER: "s3cret"}
+        assert (
+            await http.post("/worker_get_status", json={}, headers=right)
+        ).status_code == 200
+        assert (await http.get("/health")).status_code == 200
+
+
+def _serve(app, port):
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    return server, thread
+
+
+def test_registers_heartbeats_and_unregisters_with_the_real_controller():
+    controller_port, worker_port = free_port(), free_port()
+    controller = controller_module.create_app(
+        ControllerSettings(controller_port=controller_port)
+    )
+    c_server, c_thread = _serve(controller, controller_port)
+    worker_settings = settings(
+        controller_port=controller_port, worker_port=worker_port, heartbeat_interval=0.2
+    )
+    w_server, w_thread = _serve(create_app(worker_settings, FakeEngine()), worker_port)
+    base = f"http://127.0.0.1:{controller_port}"
+    try:
+        deadline = time.monotonic() + 10
+        while "qwen-test" not in httpx.post(f"{base}/list_models").json()["models"]:
+            assert time.monotonic() < deadline, "worker never registered"
+            time.sleep(0.1)
+        address = httpx.post(f"{base}/get_worker_address", json={"model": "qwen-test"})
+        assert address.json()["address"] == f"http://127.0.0.1:{worker_port}"
+        # A stream through the controller reaches this worker.
+        with httpx.stream(
+            "POST", f"{base}/worker_generate_stream", json={"model": "qwen-test"}
+        ) as reply:
+            data = b"".join(reply.iter_raw())
+        assert json.loads(data.split(b"\0")[-2])["text"] == "Hello world!"
+    finally:
+        w_server.should_exit = True
+        w_thread.join(10)
+    # Shutting down unregisters at once (no waiting for the health probes).
+    assert httpx.post(f"{base}/list_models").json()["models"] == []
+    c_server.should_exit = True
+    c_thread.join(10)
+
+
+# --- the vLLM adapter, over a fake AsyncLLM ---------------------------------
+
+
+class FakeTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def encode_plain(self, text):
+        return [ord(c) for c in text]
+
+
+class FakeLLM:
+    def __init__(self, context=200):
+        self.model_config = SimpleNamespace(max_model_len=context)
+        self.aborted: list[str] = []
+        self.requests = []
+
+    def get_tokenizer(self):
+        return FakeTokenizer()
+
+    async def check_health(self):
+        return None
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    async def generate(self, prompt, sampling, request_id):
+        self.requests.append((prompt, sampling))
+        for n in range(1, 50):
+            completion = SimpleNamespace(
+                text="x" * n,
+                token_ids=list(range(n)),
+                finish_reason=None,
+                logprobs=None,
+            )
+            yield SimpleNamespace(outputs=[completion], finished=False)
+            await asyncio.sleep(0)
+
+
+async def test_adapter_stops_on_chatml_ids_and_aborts_on_close():
+    llm = FakeLLM()
+    engine = VllmEngine(llm)
+    params = GenerateParams(
+        messages=[{"role": "user", "content": "hi"}],
+        max_new_tokens=40,
+        stop_token_ids=[7],
+        request_id="r1",
+    )
+    stream = engine.generate(params)
+    first = await anext(stream)
+    assert first.text == "x" and engine.queue_length() == 1
+    await stream.aclose()
+    assert engine.queue_length() == 0
+    assert llm.aborted == ["r1"]
+    prompt, sampling = llm.requests[0]
+    assert {151643, 151644, 151645, 7} <= set(sampling.stop_token_ids)
+    # ChatML ids: <|im_start|> opens the system turn.
+    assert prompt["prompt_token_ids"][0] == 151644
+
+
+async def test_adapter_reports_context_errors_as_fastchat_error_codes():
+    engine = VllmEngine(FakeLLM(context=20))
+    too_long = GenerateParams(prompt="y" * 25)
+    (chunk,) = [c async for c in engine.generate(too_long)]
+    assert chunk.error_code == 40303 and "maximum context length is 20" in chunk.text
+    too_many = GenerateParams(prompt="y" * 5, max_new_tokens=30)
+    (chunk,) = [c async for c in engine.generate(too_many)]
+    assert chunk.error_code == 40302 and "max_tokens can be at most 15" in chunk.text
+    bad = GenerateParams(prompt="y", temperature=-1.0)
+    (chunk,) = [c async for c in engine.generate(bad)]
+    assert chunk.error_code == 40302 and "temperature" in chunk.text
