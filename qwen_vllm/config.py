@@ -72,6 +72,16 @@ class QWenConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.check_servable()
+        if self.use_dynamic_ntk:
+            # Declaring an M-RoPE section makes vLLM ask the model for each
+            # request's prompt positions, the channel that carries the
+            # request's NTK level (see qwen_vllm/model/long_context.py).
+            self.rope_parameters = {
+                "rope_type": "default",
+                "rope_theta": self.rotary_emb_base,
+                "partial_rotary_factor": self.rotary_pct,
+                "mrope_section": [self.rotary_dim // 2],
+            }
 
     def _check_fields(self, fields: dict[str, Any]) -> None:
         for key, value in fields.items():
@@ -127,5 +137,11 @@ class QWenConfig(PretrainedConfig):
 
     @property
     def max_context_length(self) -> int:
-        """The longest context this checkpoint is served with by default."""
+        """The longest context the checkpoint can serve with its own settings.
+
+        Dynamic NTK is what lets Qwen v1 read past its training length; with it
+        off, positions past seq_length are out of distribution.
+        """
+        if self.use_dynamic_ntk:
+            return max(self.seq_length, self.max_position_embeddings)
         return min(self.seq_length, self.max_position_embeddings)

@@ -57,11 +57,13 @@ def _register_config_and_tokenizer() -> None:
     # real checkpoints (which carry auto_map) load without trust_remote_code.
     vllm_config._CONFIG_REGISTRY[MODEL_TYPE] = QWenConfig
 
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import model_arch_config_convertor as convertors
 
-    from qwen_vllm.model.arch import QWenArchConfigConvertor
+    from qwen_vllm.model.arch import QWenArchConfigConvertor, QWenConfigHook
 
     convertors.MODEL_ARCH_CONFIG_CONVERTORS[MODEL_TYPE] = QWenArchConfigConvertor
+    MODELS_CONFIG_MAP[ARCHITECTURE] = QWenConfigHook
 
 
 def _register_model() -> None:

@@ -8,6 +8,7 @@ parallel layers, which shard them per tensor-parallel rank.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,11 +30,35 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsQuant
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsQuant
 from vllm.model_executor.models.utils import make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from qwen_vllm.config import QWenConfig
+from qwen_vllm.model.long_context import (
+    LogNScaling,
+    NTKRotaryEmbedding,
+    prompt_positions,
+)
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """How attention reads positions past the training length (seq_length)."""
+
+    span: int  # rows of the rotary cache per NTK level: the max model length
+    seq_length: int
+    dynamic_ntk: bool
+    logn: LogNScaling | None
+
+    @classmethod
+    def for_model(cls, config: QWenConfig, max_model_len: int) -> LongContext | None:
+        if max_model_len <= config.seq_length:
+            return None  # both tricks are the identity within seq_length
+        logn = None
+        if config.use_logn_attn:
+            logn = LogNScaling(max_model_len, config.seq_length)
+        return cls(max_model_len, config.seq_length, config.use_dynamic_ntk, logn)
 
 
 class QWenMLP(nn.Module):
@@ -78,11 +103,13 @@ class QWenAttention(nn.Module):
         rotary_pct: float,
         rope_base: float,
         max_position: int,
+        long_context: LongContext | None,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
     ) -> None:
         super().__init__()
+        self.long_context = long_context
         self.c_attn = QKVParallelLinear(
             hidden_size,
             head_dim,
@@ -98,16 +125,26 @@ class QWenAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.c_proj",
         )
-        self.rotary_emb = get_rope(
-            head_dim,
-            max_position=max_position,
-            is_neox_style=True,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": rope_base,
-                "partial_rotary_factor": rotary_pct,
-            },
-        )
+        if long_context is not None and long_context.dynamic_ntk:
+            self.rotary_emb = NTKRotaryEmbedding(
+                head_dim,
+                int(head_dim * rotary_pct),
+                span=long_context.span,
+                seq_length=long_context.seq_length,
+                base=rope_base,
+                dtype=torch.get_default_dtype(),
+            )
+        else:
+            self.rotary_emb = get_rope(
+                head_dim,
+                max_position=max_position,
+                is_neox_style=True,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": rope_base,
+                    "partial_rotary_factor": rotary_pct,
+                },
+            )
         local_heads = self.c_attn.num_heads
         self.q_size = local_heads * head_dim
         self.attn = Attention(
@@ -124,6 +161,11 @@ class QWenAttention(nn.Module):
         qkv, _ = self.c_attn(hidden)
         q, k, v = qkv.split([self.q_size] * 3, dim=-1)
         q, k = self.rotary_emb(positions, q, k)
+        long_context = self.long_context
+        if long_context is not None and long_context.logn is not None:
+            if long_context.dynamic_ntk:
+                positions = positions % long_context.span  # drop the NTK level
+            q = long_context.logn(positions, q)
         out, _ = self.c_proj(self.attn(q, k, v))
         return out
 
@@ -132,6 +174,7 @@ class QWenBlock(nn.Module):
     def __init__(
         self,
         config: QWenConfig,
+        long_context: LongContext | None,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
@@ -146,6 +189,7 @@ class QWenBlock(nn.Module):
             rotary_pct=config.rotary_pct,
             rope_base=config.rotary_emb_base,
             max_position=config.max_position_embeddings,
+            long_context=long_context,
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
@@ -189,6 +233,9 @@ class QWenModel(nn.Module):
         config.check_servable()
         cache_config = vllm_config.cache_config
         quant_config = vllm_config.quant_config
+        long_context = LongContext.for_model(
+            config, vllm_config.model_config.max_model_len
+        )
         self.wte = VocabParallelEmbedding(
             config.vocab_size,
             config.hidden_size,
@@ -197,7 +244,9 @@ class QWenModel(nn.Module):
         )
         _, _, self.h = make_layers(
             config.num_hidden_layers,
-            lambda prefix: QWenBlock(config, cache_config, quant_config, prefix),
+            lambda prefix: QWenBlock(
+                config, long_context, cache_config, quant_config, prefix
+            ),
             prefix=f"{prefix}.h",
         )
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -212,6 +261,9 @@ class QWenModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if positions.dim() == 2:
+            # M-RoPE layout (dynamic NTK): identical rows, see long_context.py.
+            positions = positions[0]
         hidden = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
         residual = None
         for block in self.h:
@@ -220,7 +272,7 @@ class QWenModel(nn.Module):
         return hidden
 
 
-class QWenLMHeadModel(nn.Module, SupportsQuant):
+class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
     # Checkpoint weight suffix -> (parameter suffix, shard id). c_attn is fused
     # q|k|v on disk; shard None lets the QKV layer split it per rank.
     stacked_params_mapping = (
@@ -247,6 +299,15 @@ class QWenLMHeadModel(nn.Module, SupportsQuant):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.max_model_len = vllm_config.model_config.max_model_len
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Prompt positions carrying the request's NTK level (long_context.py)."""
+        if not self.config.use_dynamic_ntk:
+            raise RuntimeError("M-RoPE positions are only used with dynamic NTK")
+        return prompt_positions(
+            len(input_tokens), self.max_model_len, self.config.seq_length
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.embed_input_ids(input_ids)

@@ -73,9 +73,13 @@ def test_values_a_real_release_carries_are_accepted():
     ).check_servable()
 
 
-def test_context_length_stops_at_the_training_length():
-    config = QWenConfig(seq_length=2048, max_position_embeddings=8192)
-    assert config.max_context_length == 2048
+def test_context_length_reaches_max_positions_only_with_dynamic_ntk():
+    ntk = QWenConfig(seq_length=2048, max_position_embeddings=8192)
+    assert ntk.max_context_length == 8192
+    plain = QWenConfig(
+        seq_length=2048, max_position_embeddings=8192, use_dynamic_ntk=False
+    )
+    assert plain.max_context_length == 2048
 
 
 def test_a_qwen_vl_checkpoint_fails_when_loaded(tmp_path):

@@ -12,12 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from qwen_vllm.serving.client import BackendError, ModelDetails, UnknownModelError
-from qwen_vllm.serving.protocol import (
-    ErrorCode,
-    GenerateChunk,
-    GenerateParams,
-    error_chunk,
-)
+from qwen_vllm.serving.protocol import ErrorCode, GenerateChunk, GenerateParams
 
 MODEL = "qwen-v1-demo"
 OTHER_MODEL = "qwen-v1-other"
@@ -109,7 +104,11 @@ class ScriptedBackend:
             pieces = range(script.piece, len(script.text) + script.piece, script.piece)
             for index, end in enumerate(pieces):
                 if script.fail_after is not None and index >= script.fail_after:
-                    yield error_chunk(ErrorCode(script.error_code), script.error_text)
+                    yield GenerateChunk(
+                        text=script.error_text,
+                        error_code=script.error_code,
+                        finish_reason="error",
+                    )
                     done = True
                     return
                 if script.delay:
