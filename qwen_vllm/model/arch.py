@@ -37,6 +37,7 @@ class QWenConfigHook(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        _check_quantization_kernels(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         long_prompts = vllm_config.model_config.max_model_len > hf_config.seq_length
         cache = vllm_config.cache_config
@@ -52,3 +53,27 @@ class QWenConfigHook(VerifyAndUpdateConfig):
                 hf_config.seq_length,
             )
             cache.enable_prefix_caching = False
+
+
+def _check_quantization_kernels(vllm_config: VllmConfig) -> None:
+    """Fail early and plainly where this vLLM build cannot run GPTQ weights."""
+    from vllm.platforms import current_platform
+
+    method = vllm_config.model_config.quantization or ""
+    if "gptq" not in method or not current_platform.is_cpu():
+        return
+    import torch
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+
+    if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        raise ValueError(
+            "This is a GPTQ (-Int4/-Int8) checkpoint, but this CPU build of vLLM "
+            "has no GPTQ kernel (torch.ops._C.cpu_gemm_wna16 is missing). Serve "
+            "the unquantized checkpoint here, or the GPTQ one on a GPU."
+        )
+    bits = (vllm_config.model_config.hf_config.quantization_config or {}).get("bits")
+    if bits != 4:
+        raise ValueError(
+            f"This is a {bits}-bit GPTQ checkpoint; vLLM's CPU GPTQ kernel runs only "
+            "4-bit weights. Serve it on a GPU, or use the -Int4 release on CPU."
+        )

@@ -335,6 +335,8 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
                 continue  # recomputed from the config
             if self.config.tie_word_embeddings and name.startswith("lm_head."):
                 continue
+            if name.endswith(".g_idx") and not self._wants(params, name):
+                continue  # GPTQ without act-order: vLLM needs no group index
             for ckpt_part, param_part, shard_id in self.stacked_params_mapping:
                 if ckpt_part + "." not in name:
                     continue
@@ -353,6 +355,13 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
         if missing:
             raise ValueError(f"The Qwen v1 checkpoint is missing weights: {missing}")
         return loaded
+
+    def _wants(self, params: dict[str, nn.Parameter], ckpt_name: str) -> bool:
+        """Whether some parameter takes this checkpoint tensor."""
+        for ckpt_part, param_part, _ in self.stacked_params_mapping:
+            if ckpt_part + "." in ckpt_name:
+                return ckpt_name.replace(ckpt_part + ".", param_part + ".") in params
+        return ckpt_name in params
 
     def _missing_checkpoint_names(
         self,

@@ -1,0 +1,104 @@
+"""GPTQ (-Int4/-Int8) checkpoints and quantized KV caches.
+
+Loading is checked everywhere; generation needs a GPTQ kernel (a GPU, or a
+CPU build with torch.ops._C.cpu_gemm_wna16) and fp8 KV caches need a GPU or an
+AVX-512 CPU. Where the kernel is missing the user gets a plain error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen_vllm.model import arch
+from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from tests.gptq_checkpoint import dequantized_weights, write_gptq_checkpoint
+from tests.reference_qwen import ReferenceQwenV1
+
+SPEC = DemoModelSpec(hidden_size=128, num_attention_heads=4, intermediate_size=512)
+
+
+def gptq_kernel_available() -> bool:
+    if torch.cuda.is_available():
+        return True
+    import vllm._custom_ops  # noqa: F401
+
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    source = write_demo_model(root / "fp", SPEC)
+    return write_gptq_checkpoint(source, root / "Qwen-demo-Chat-Int4", bits=4)
+
+
+def test_gptq_tensors_load_into_every_quantized_linear(load, int4_dir, monkeypatch):
+    # Loading is independent of the kernel that later runs the weights.
+    monkeypatch.setattr(arch, "_check_quantization_kernels", lambda config: None)
+    model = load(int4_dir, dtype="float16")
+    params = dict(model.named_parameters())
+    checkpoint = load_file(int4_dir / "model.safetensors")
+    p = "transformer.h.1"
+    assert torch.equal(
+        params[f"{p}.attn.c_attn.qweight"], checkpoint[f"{p}.attn.c_attn.qweight"]
+    )
+    assert torch.equal(
+        params[f"{p}.mlp.c_proj.scales"].float(),
+        checkpoint[f"{p}.mlp.c_proj.scales"].float(),
+    )
+    # The merged gate/up layer holds w2 then w1, packed along the output dim.
+    gate_up = params[f"{p}.mlp.gate_up_proj.qweight"]
+    expected = torch.cat(
+        [checkpoint[f"{p}.mlp.w2.qweight"], checkpoint[f"{p}.mlp.w1.qweight"]], dim=1
+    )
+    assert torch.equal(gate_up, expected)
+    assert torch.equal(
+        params[f"{p}.attn.c_attn.bias"].float(),
+        checkpoint[f"{p}.attn.c_attn.bias"].float(),
+    )
+
+
+@pytest.mark.skipif(gptq_kernel_available(), reason="this vLLM build runs GPTQ")
+def test_without_a_gptq_kernel_the_error_says_so(int4_dir):
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="no GPTQ kernel"):
+        LLM(model=str(int4_dir), enforce_eager=True, max_model_len=256)
+
+
+def test_8_bit_gptq_on_cpu_is_refused_plainly(tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("a CPU-only limitation")
+    source = write_demo_model(tmp_path / "fp", SPEC)
+    int8_dir = write_gptq_checkpoint(source, tmp_path / "Int8", bits=8)
+    monkeypatch.setattr(torch.ops._C, "cpu_gemm_wna16", object(), raising=False)
+    with pytest.raises(Exception, match="8-bit GPTQ checkpoint"):
+        EngineArgs(model=str(int8_dir), max_model_len=256).create_engine_config()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not gptq_kernel_available(), reason="needs a GPTQ kernel")
+def test_int4_generation_matches_the_dequantized_reference(int4_dir):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(int4_dir), dtype="float16", enforce_eager=True)
+    prompt = list(range(1000, 1040))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+        output = llm.generate([{"prompt_token_ids": prompt}], params)[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    config = json.loads((int4_dir / "config.json").read_text())
+    reference = ReferenceQwenV1(config, dequantized_weights(int4_dir, bits=4))
+    logprobs = torch.log_softmax(reference.logits(prompt, last_only=True)[-1], -1)
+    (token,) = output.outputs[0].token_ids
+    assert token == int(logprobs.argmax())
+    got = output.outputs[0].logprobs[0][token].logprob
+    assert abs(got - float(logprobs[token])) < 5e-2
