@@ -103,13 +103,16 @@ assert "qwen_v1" in plugins, f"qwen_vllm plugin entry point missing: {plugins}"
 print(f"vLLM {vllm.__version__} with plugin qwen_v1 -> {plugins['qwen_v1']}")
 EOF
 
-if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+# The web UI tests drive Debian's chromium (never a downloaded browser); the
+# CJK font lets their screenshots show Chinese.
+browser_packages=(chromium fonts-wqy-microhei)
+if [ "$dev" = 1 ] && ! { command -v chromium && fc-list | grep -qi wenquanyi; } >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        step "installing Debian's chromium for the web UI tests"
-        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+        step "installing ${browser_packages[*]} for the web UI tests"
+        apt-get update -qq && apt-get install -y -qq "${browser_packages[@]}" >/dev/null
     else
-        echo "install.sh: note: no chromium found; browser tests will fail until" \
-            "'apt-get install chromium' is run as root" >&2
+        echo "install.sh: note: browser tests need: apt-get install ${browser_packages[*]}" \
+            "(run as root)" >&2
     fi
 fi
 

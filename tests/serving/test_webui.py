@@ -34,7 +34,7 @@ from qwen_vllm.serving.webui.app import StripPrefixMiddleware, normalized_root_p
 from qwen_vllm.serving.webui.session import describe_backend_error
 from qwen_vllm.serving.webui.ui import ChatHandlers, render
 from tests.conftest import free_port
-from tests.serving.webui_fake import (
+from tests.serving.webui_fakes import (
     MARKDOWN_ANSWER,
     MODEL,
     OTHER_MODEL,
@@ -46,8 +46,12 @@ OPTIONS = ChatOptions(model=MODEL)
 SETTINGS = (MODEL, "Be brief.", 0.3, 0.9, 128)  # the page's settings inputs
 
 
-async def collect(session: ChatSession, history: list[Turn], question: str,
-                  options: ChatOptions = OPTIONS) -> list[Turn]:  # fmt: skip
+async def collect(
+    session: ChatSession,
+    history: list[Turn],
+    question: str,
+    options: ChatOptions = OPTIONS,
+) -> list[Turn]:
     return [turn async for turn in session.answer(history, question, options)]
 
 

@@ -7,26 +7,24 @@ any running web UI. Screenshots go to artifacts/webui/ in the repository.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from qwen_vllm.serving.client import ControllerUnavailableError, NoWorkerError
 from qwen_vllm.serving.protocol import ErrorCode
 from qwen_vllm.serving.settings import WebUISettings
 from qwen_vllm.serving.webui import create_app
-from tests.conftest import free_port
-from tests.serving.webui_fake import (
+from tests.serving.webui_fakes import (
     ANSWER_END,
     MARKDOWN_ANSWER,
     MODEL,
     OTHER_MODEL,
     Script,
     ScriptedBackend,
+    ThreadedServer,
 )
 from tests.serving.webui_page import (
     CHROMIUM,
@@ -50,29 +48,11 @@ STREAM_DELAY = 0.04  # seconds between chunks: slow enough to watch
 LONG_ANSWER = "这是一个很长的回答。This answer goes on and on. " * 200
 
 
-class UIServer:
-    """uvicorn serving the web UI in a background thread."""
+class UIServer(ThreadedServer):
+    """The web UI over a fake backend, served in a background thread."""
 
     def __init__(self, settings: WebUISettings, backend: ScriptedBackend) -> None:
-        self.port = free_port()
-        app = create_app(settings, backend)
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> UIServer:
-        self.thread.start()
-        wait_until(lambda: self.server.started, 60, "the web UI to start", 0.1)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        super().__init__(create_app(settings, backend))
 
 
 def settings(**values: object) -> WebUISettings:

@@ -38,20 +38,6 @@ CHROMIUM_ARGS = [
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 POLL = 0.05
 
-# The elem_ids of qwen_vllm.serving.webui.ui.ELEMENT_IDS, spelled out so this
-# module works against a UI served by another process or version.
-MODEL = "#model"
-REFRESH = "#refresh-models"
-STATUS = "#status"
-CHATBOT = "#chatbot"
-MESSAGE = "#message textarea"
-SEND = "#send"
-STOP = "#stop"
-REGENERATE = "#regenerate"
-CLEAR = "#clear"
-SYSTEM = "#system-prompt textarea"
-MAX_TOKENS = "#max-tokens input[type=number]"
-
 
 @contextlib.contextmanager
 def chromium_context(
@@ -111,6 +97,20 @@ def wait_until(
 class ChatPage:
     """One browser tab on the web UI."""
 
+    # The elem_ids of qwen_vllm.serving.webui.ui.ELEMENT_IDS, spelled out so
+    # this module works against a UI served by another process or version.
+    MODEL = "#model input"
+    REFRESH = "#refresh-models"
+    STATUS = "#status"
+    CHATBOT = "#chatbot"
+    MESSAGE = "#message textarea"
+    SEND = "#send"
+    STOP = "#stop"
+    REGENERATE = "#regenerate"
+    CLEAR = "#clear"
+    SYSTEM = "#system-prompt textarea"
+    MAX_TOKENS = "#max-tokens input[type=number]"
+
     def __init__(self, page: Page, base_url: str, timeout: float = 30.0) -> None:
         self.page = page
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
@@ -150,7 +150,7 @@ class ChatPage:
     def wait_ready(self) -> None:
         """The chat is shown and the model list was loaded (page-load event):
         a model is selected or the status line tells why not."""
-        self.page.locator(MESSAGE).wait_for(state="visible")
+        self.page.locator(self.MESSAGE).wait_for(state="visible")
         wait_until(
             lambda: bool(self.selected_model() or self.status()),
             self.timeout,
@@ -160,47 +160,50 @@ class ChatPage:
     def status(self) -> str:
         """The status line's text (not its progress timer)."""
         return (
-            self.page.locator(f"{STATUS} [data-testid=markdown]").inner_text().strip()
+            self.page.locator(f"{self.STATUS} [data-testid=markdown]")
+            .inner_text()
+            .strip()
         )
 
     # Model picker
 
     def selected_model(self) -> str:
-        return self.page.locator(f"{MODEL} input").input_value()
+        return self.page.locator(self.MODEL).input_value()
 
     def _open_model_list(self) -> None:
-        field = self.page.locator(f"{MODEL} input")
+        field = self.page.locator(self.MODEL)
         field.blur()  # a click on the focused field does not reopen the list
         field.click()
-        self.page.locator("[role=listbox]").wait_for(state="visible")
+        self.page.locator("ul[role=listbox]").wait_for(state="visible")
 
     def model_choices(self) -> list[str]:
         self._open_model_list()
-        options = self.page.locator("[role=listbox] [role=option]")
+        options = self.page.locator("ul[role=listbox] [role=option]")
         names = [
             (option.get_attribute("aria-label") or option.inner_text()).strip()
             for option in options.all()
         ]
-        self.page.locator(f"{MODEL} input").blur()
+        self.page.keyboard.press("Escape")
         return names
 
     def select_model(self, name: str) -> None:
         self._open_model_list()
-        self.page.locator(f"[role=listbox] [role=option][aria-label='{name}']").click()
+        option = f"ul[role=listbox] [role=option][aria-label='{name}']"
+        self.page.locator(option).click()
         wait_until(
             lambda: self.selected_model() == name, self.timeout, f"model {name!r}"
         )
 
     def refresh_models(self) -> None:
-        self.page.locator(REFRESH).click()
+        self.page.locator(self.REFRESH).click()
 
     # Settings
 
     def set_system_prompt(self, text: str) -> None:
-        self.page.locator(SYSTEM).fill(text)
+        self.page.locator(self.SYSTEM).fill(text)
 
     def set_max_tokens(self, value: int) -> None:
-        field = self.page.locator(MAX_TOKENS)
+        field = self.page.locator(self.MAX_TOKENS)
         field.fill(str(value))
         field.press("Enter")
 
@@ -209,8 +212,8 @@ class ChatPage:
     def send(self, text: str) -> None:
         """Send a message and wait until the chat shows it."""
         before = len(self.user_messages())
-        self.page.locator(MESSAGE).fill(text)
-        self.page.locator(SEND).click()
+        self.page.locator(self.MESSAGE).fill(text)
+        self.page.locator(self.SEND).click()
         wait_until(
             lambda: len(self.user_messages()) > before,
             self.timeout,
@@ -218,18 +221,18 @@ class ChatPage:
         )
 
     def stop(self) -> None:
-        self.page.locator(STOP).click()
+        self.page.locator(self.STOP).click()
 
     def clear(self) -> None:
-        self.page.locator(CLEAR).click()
+        self.page.locator(self.CLEAR).click()
 
     def regenerate(self) -> None:
-        self.page.locator(REGENERATE).click()
+        self.page.locator(self.REGENERATE).click()
 
     def messages(self) -> list[tuple[str, str]]:
         """(role, text) of every message shown, in order; role is user or bot."""
         return self.page.locator(
-            f"{CHATBOT} [data-testid=user], {CHATBOT} [data-testid=bot]"
+            f"{self.CHATBOT} [data-testid=user], {self.CHATBOT} [data-testid=bot]"
         ).evaluate_all("els => els.map(e => [e.dataset.testid, e.innerText])")
 
     def user_messages(self) -> list[str]:
@@ -246,7 +249,9 @@ class ChatPage:
         return ""
 
     def is_generating(self) -> bool:
-        tracker = self.page.locator(f"{CHATBOT} [data-testid=status-tracker]").first
+        tracker = self.page.locator(
+            f"{self.CHATBOT} [data-testid=status-tracker]"
+        ).first
         return "hide" not in (tracker.get_attribute("class") or "").split()
 
     def wait_for_answer(
@@ -288,3 +293,29 @@ class ChatPage:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+
+class FastChatPage(ChatPage):
+    """FastChat's own gradio_web_server page (Gradio 5), for compatibility.
+
+    Only what that page has: a model picker, the chat and a text box (sent
+    with Enter). Its Chatbot shows a "▌" cursor while streaming.
+    """
+
+    MODEL = "#model_selector_row input"
+    CHATBOT = "#chatbot"
+    MESSAGE = "#input_box textarea"
+
+    def wait_ready(self) -> None:
+        self.page.locator(self.MESSAGE).wait_for(state="visible")
+        wait_until(lambda: bool(self.selected_model()), self.timeout, "a model")
+
+    def send(self, text: str) -> None:
+        before = len(self.user_messages())
+        self.page.locator(self.MESSAGE).fill(text)
+        self.page.locator(self.MESSAGE).press("Enter")
+        wait_until(
+            lambda: len(self.user_messages()) > before,
+            self.timeout,
+            "the message to appear in the chat",
+        )
