@@ -432,9 +432,13 @@ def plan_serve_node(settings: ServeSettings, machine: Machine) -> Plan:
         groups = gpu_groups(machine.gpu_ids, tp, workers, machine.gpu_source)
         settings = _rebuild(settings, num_workers=len(groups))
         used = [d for group in groups for d in group]
-        # Ray hands each worker actor tp of the GPUs it sees (in order, as
-        # CUDA_VISIBLE_DEVICES); limiting what it sees keeps the rest free.
+        # Ray sees only these, so GPUs left out stay free for other work.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(used)
+        notes.append(
+            f"each worker reserves {tp} GPU(s) in a Ray placement group; Ray "
+            "hands out the visible GPUs lowest first, so each worker sees the "
+            "devices above as its CUDA_VISIBLE_DEVICES"
+        )
         unused = [d for d in machine.gpu_ids if d not in used]
         if unused:
             notes.append(f"GPUs {','.join(unused)} stay unused")

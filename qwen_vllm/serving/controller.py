@@ -245,13 +245,18 @@ class WorkerRegistry:
             return list(self._workers)
 
     async def models(self, *, multimodal: bool | None = None) -> list[str]:
+        """Models of every registered worker, healthy or not.
+
+        A model whose workers are all failing stays listed until they expire:
+        clients then get "no healthy worker right now" (retry later), not
+        "unknown model".
+        """
         async with self._lock:
             return sorted(
                 {
                     model
                     for worker in self._workers.values()
-                    if worker.healthy
-                    and (multimodal is None or worker.multimodal == multimodal)
+                    if multimodal is None or worker.multimodal == multimodal
                     for model in worker.model_names
                 }
             )
@@ -358,10 +363,13 @@ class Controller:
 
     async def no_worker_message(self, model: str) -> str:
         models = await self.registry.models()
+        if model in models:
+            return (
+                f"no healthy worker serves model {model!r} right now (its workers "
+                "are failing health checks or restarting); retry shortly"
+            )
         available = ", ".join(models) if models else "none"
-        return (
-            f"no healthy worker serves model {model!r}; models available: {available}"
-        )
+        return f"no worker serves model {model!r}; models available: {available}"
 
     async def generate_stream(self, params: dict[str, Any]) -> AsyncIterator[bytes]:
         """Proxy a worker's NUL-delimited stream, skipping workers that refuse."""

@@ -235,7 +235,9 @@ async def test_unhealthy_worker_excluded_then_restored() -> None:
         refreshed = await client.post("/refresh_all_workers")
         assert refreshed.json() == {"workers": 2, "healthy_workers": 1}
         assert (await workers_by_name(client))["http://flaky:1"]["healthy"] is False
-        assert (await client.post("/list_models")).json()["models"] == ["qwen"]
+        # Still listed (known, temporarily unavailable), but never routed to.
+        listed = (await client.post("/list_models")).json()["models"]
+        assert listed == ["flaky-only", "qwen"]
         for _ in range(10):
             response = await client.post("/get_worker_address", json={"model": "qwen"})
             assert response.json()["address"] == "http://good:1"
@@ -243,10 +245,12 @@ async def test_unhealthy_worker_excluded_then_restored() -> None:
             "/get_worker_address", json={"model": "flaky-only"}
         )
         assert response.json()["address"] == ""
+        assert "right now" in response.json()["error"]
         # Heartbeats keep it known but do not make it routable.
         beat = {"worker_name": "http://flaky:1", "queue_length": 0}
         assert (await client.post("/receive_heart_beat", json=beat)).json()["exist"]
-        assert (await client.post("/list_models")).json()["models"] == ["qwen"]
+        address = await client.post("/get_worker_address", json={"model": "flaky-only"})
+        assert address.json()["address"] == ""
 
         probe.results["http://flaky:1"] = WorkerStatus(
             **status("qwen", "flaky-only", queue_length=7)
@@ -293,7 +297,8 @@ async def test_background_checks_run_in_the_lifespan() -> None:
         while (await workers_by_name(client))["http://dead:1"]["healthy"]:
             assert time.monotonic() < deadline, "background probes never ran"
             await asyncio.sleep(0.02)
-        assert (await client.post("/list_models")).json() == {"models": []}
+        address = await client.post("/get_worker_address", json={"model": "qwen"})
+        assert address.json()["address"] == ""
 
 
 async def test_no_worker() -> None:

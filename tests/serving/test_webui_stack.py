@@ -1,0 +1,101 @@
+"""Web UIs against the real stack of `qwen-vllm serve` (demo model), in
+Debian's headless Chromium: ours, then FastChat's own, then ours again while
+no worker is alive (the error shows; the UI recovers when Ray restarts them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving.fastchat_webui import fastchat_webui
+from tests.serving.webui_page import (
+    ChatPage,
+    FastChatPage,
+    chromium_context,
+    keep_on_loopback,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "webui-stack"
+ANSWER_TIMEOUT = 60.0
+
+
+def test_chat_streams_from_the_real_workers(stack):
+    with chromium_context() as context:
+        keep_on_loopback(context)
+        chat = ChatPage.open(context, stack.webui, timeout=ANSWER_TIMEOUT)
+        assert stack.model in chat.model_choices()
+        chat.select_model(stack.model)
+        chat.set_max_tokens(40)
+        chat.send("你好，请写一段关于 vLLM 的介绍。")
+        states = chat.watch_answer(
+            lambda text: len(text) > 0 and not chat.is_generating()
+        )
+        answer = states[-1]
+        assert answer and "Error" not in answer
+        # Streamed: the page showed the answer growing before it was complete.
+        assert any(0 < len(s) < len(answer) for s in states), states[:5]
+        chat.screenshot(ARTIFACTS / "streamed-answer.png")
+
+        before = [w["requests_total"] for w in _healths(stack)]
+        chat.set_system_prompt("You answer in one short sentence.")
+        chat.send("Hello again")
+        chat.wait_idle()
+        assert len(chat.answers()) == 2
+        after = [w["requests_total"] for w in _healths(stack)]
+        assert sum(after) == sum(before) + 1
+        chat.clear()
+        assert chat.messages() == []
+
+
+def test_fastchat_web_ui_serves_our_model(stack, tmp_path):
+    with (
+        fastchat_webui(stack.controller, workdir=tmp_path) as url,
+        chromium_context() as context,
+    ):
+        keep_on_loopback(context)
+        page = FastChatPage.open(context, url, timeout=ANSWER_TIMEOUT)
+        assert page.selected_model() == stack.model
+        page.send("Hi")
+        answer = page.wait_for_answer(lambda text: len(text.strip("▌ ")) > 0)
+        assert answer
+        page.screenshot(ARTIFACTS / "fastchat-web-ui.png")
+
+
+def _healths(stack) -> list[dict]:
+    return [httpx.get(f"{u}/health", timeout=5).json() for u in stack.worker_urls()]
+
+
+def test_no_worker_shows_an_error_and_the_ui_recovers(stack):
+    with chromium_context() as context:
+        keep_on_loopback(context)
+        chat = ChatPage.open(context, stack.webui, timeout=ANSWER_TIMEOUT)
+        chat.select_model(stack.model)
+        chat.set_max_tokens(8)
+        for health in _healths(stack):
+            os.kill(health["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(w["healthy"] for w in stack.workers()):
+            assert time.monotonic() < deadline, "dead workers still routable"
+            time.sleep(0.2)
+        chat.send("Is anyone there?")
+        error = chat.wait_for_answer(lambda text: "Error" in text)
+        assert "worker" in error.lower()
+        chat.screenshot(ARTIFACTS / "no-worker-error.png")
+
+        deadline = time.monotonic() + 300
+        while sum(w["healthy"] for w in stack.workers()) < 2:
+            assert time.monotonic() < deadline, "workers did not come back"
+            time.sleep(1)
+        chat.send("And now?")
+        answer = chat.wait_for_answer(
+            lambda text: len(text) > 0 and not chat.is_generating()
+        )
+        assert "Error" not in answer
+        chat.screenshot(ARTIFACTS / "recovered.png")
