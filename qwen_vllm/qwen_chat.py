@@ -102,19 +102,26 @@ class QwenChat:
         self, items: Sequence[BatchItem], system: str | None = None, **sampling: Any
     ) -> list[str]:
         """Replies to many conversations at once (continuous batching)."""
+        outputs = self.generate(items, system, **sampling)
+        return [output.outputs[0].text for output in outputs]
+
+    def generate(
+        self, items: Sequence[BatchItem], system: str | None = None, **sampling: Any
+    ) -> list[Any]:
+        """vLLM's finished RequestOutputs (token ids, finish reasons), in order."""
         params = self.sampling_params(**sampling)
         order: dict[str, int] = {}
         for index, item in enumerate(items):
             query, history = (item, []) if isinstance(item, str) else item
             order[self._submit(query, history, system, params)] = index
-        replies: list[str] = [""] * len(items)
+        results: list[Any] = [None] * len(items)
         pending = set(order)
         while pending:
             for output in self.engine.step():
                 if output.finished and output.request_id in pending:
                     pending.discard(output.request_id)
-                    replies[order[output.request_id]] = output.outputs[0].text
-        return replies
+                    results[order[output.request_id]] = output
+        return results
 
     def sampling_params(self, **overrides: Any):
         """The checkpoint's defaults, the caller's overrides, the ChatML stops."""
