@@ -37,6 +37,7 @@ def running(
     *,
     log: Path,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
     timeout: float = 300.0,
 ) -> Iterator[subprocess.Popen]:
     """Run cmd in its own process group; stop the whole group afterwards."""
@@ -46,6 +47,7 @@ def running(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             start_new_session=True,
         )
         try:

@@ -32,7 +32,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 
 from tests.conftest import free_port
-from tests.servers import stop, wait_for_http
+from tests.servers import running
 from tests.serving.webui_fakes import ThreadedServer
 
 # Everything the FastChat web server imports, at versions that work together
@@ -105,13 +105,11 @@ def fastchat_webui(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {
-        **os.environ,
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
-    env.pop("VIRTUAL_ENV", None)
     cmd = [
         str(python),
         "-m",
@@ -124,24 +122,8 @@ def fastchat_webui(
         str(port),
     ]
     log = workdir / "gradio_web_server.out"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            try:
-                wait_for_http(url, timeout, proc)
-            except (RuntimeError, TimeoutError) as exc:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{exc}\n--- {log} ---\n{tail}") from exc
-            yield url
-        finally:
-            stop(proc)
+    with running(cmd, url, log=log, env=env, cwd=workdir, timeout=timeout):
+        yield url
 
 
 # A fake FastChat control plane

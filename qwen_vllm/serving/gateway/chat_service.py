@@ -26,12 +26,10 @@ from qwen_vllm.chat.react import (
     build_react_prompt,
     parse_react_output,
 )
-from qwen_vllm.serving.gateway.backend import Backend
-from qwen_vllm.serving.gateway.errors import APIError, bad_request
+from qwen_vllm.serving.gateway.errors import bad_request
 from qwen_vllm.serving.gateway.generation import (
-    DONE_EVENT,
     ChoiceStreams,
-    EventStream,
+    StreamingService,
     TextTracker,
     UsageCounter,
     chat_logprobs,
@@ -47,7 +45,6 @@ from qwen_vllm.serving.gateway.generation import (
     sse_event,
     worker_failed,
 )
-from qwen_vllm.serving.gateway.metrics import GatewayMetrics
 from qwen_vllm.serving.gateway.openai_models import (
     ChatChoice,
     ChatCompletionRequest,
@@ -58,7 +55,6 @@ from qwen_vllm.serving.gateway.openai_models import (
     ToolCallOut,
 )
 from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
-from qwen_vllm.serving.settings import GatewaySettings
 
 PROMPT_PARAM = "messages"
 
@@ -120,13 +116,8 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class ChatService:
-    def __init__(
-        self, backend: Backend, settings: GatewaySettings, metrics: GatewayMetrics
-    ) -> None:
-        self.backend = backend
-        self.settings = settings
-        self.metrics = metrics
+class ChatService(StreamingService):
+    prompt_param = PROMPT_PARAM
 
     async def plan(self, request: ChatCompletionRequest) -> ChatPlan:
         max_tokens, max_param = request.max_tokens, "max_tokens"
@@ -231,36 +222,8 @@ class ChatService:
             index=index, message=message, logprobs=logprobs, finish_reason=reason
         )
 
-    # Streams
-
-    async def stream(self, request: ChatCompletionRequest) -> EventStream:
-        """Opens the worker streams (errors so far raise) and returns the SSE."""
-        started = time.perf_counter()
-        plan = await self.plan(request)
-        streams = await ChoiceStreams.open(
-            self.backend, request.model, plan.params, PROMPT_PARAM
-        )
-        self.metrics.time_to_first_token.labels(request.model).observe(
-            time.perf_counter() - started
-        )
-        return EventStream(self._sse(request, plan, streams), streams.close)
-
-    async def _sse(
-        self, request: ChatCompletionRequest, plan: ChatPlan, streams: ChoiceStreams
-    ) -> AsyncIterator[str]:
-        stream = _ChatStream(request, plan)
-        try:
-            async for event in stream.events(streams):
-                yield event
-        except APIError as exc:
-            yield sse_event(exc.body())
-        finally:
-            await streams.close()
-            total = stream.usage.usage()
-            self.metrics.count_tokens(
-                request.model, total.prompt_tokens, total.completion_tokens
-            )
-        yield DONE_EVENT
+    def stream_state(self, request, plan) -> _ChatStream:
+        return _ChatStream(request, plan)
 
 
 class _ChatStream:

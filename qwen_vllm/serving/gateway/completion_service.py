@@ -12,12 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_vllm.serving.gateway.backend import Backend
-from qwen_vllm.serving.gateway.errors import APIError
 from qwen_vllm.serving.gateway.generation import (
-    DONE_EVENT,
     ChoiceStreams,
-    EventStream,
+    StreamingService,
     TextTracker,
     UsageCounter,
     check_context,
@@ -33,14 +30,12 @@ from qwen_vllm.serving.gateway.generation import (
     sse_event,
     worker_failed,
 )
-from qwen_vllm.serving.gateway.metrics import GatewayMetrics
 from qwen_vllm.serving.gateway.openai_models import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
 )
 from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
-from qwen_vllm.serving.settings import GatewaySettings
 
 PROMPT_PARAM = "prompt"
 
@@ -55,13 +50,8 @@ class CompletionPlan:
         return choice * len(self.prompts) // len(self.params)
 
 
-class CompletionService:
-    def __init__(
-        self, backend: Backend, settings: GatewaySettings, metrics: GatewayMetrics
-    ) -> None:
-        self.backend = backend
-        self.settings = settings
-        self.metrics = metrics
+class CompletionService(StreamingService):
+    prompt_param = PROMPT_PARAM
 
     async def plan(self, request: CompletionRequest) -> CompletionPlan:
         check_limits(request, request.max_tokens, self.settings)
@@ -114,33 +104,8 @@ class CompletionService:
             id=plan.request_id, model=request.model, choices=choices, usage=total
         )
 
-    async def stream(self, request: CompletionRequest) -> EventStream:
-        started = time.perf_counter()
-        plan = await self.plan(request)
-        streams = await ChoiceStreams.open(
-            self.backend, request.model, plan.params, PROMPT_PARAM
-        )
-        self.metrics.time_to_first_token.labels(request.model).observe(
-            time.perf_counter() - started
-        )
-        return EventStream(self._sse(request, plan, streams), streams.close)
-
-    async def _sse(
-        self, request: CompletionRequest, plan: CompletionPlan, streams: ChoiceStreams
-    ) -> AsyncIterator[str]:
-        stream = _CompletionStream(request, plan)
-        try:
-            async for event in stream.events(streams):
-                yield event
-        except APIError as exc:
-            yield sse_event(exc.body())
-        finally:
-            await streams.close()
-            total = stream.usage.usage()
-            self.metrics.count_tokens(
-                request.model, total.prompt_tokens, total.completion_tokens
-            )
-        yield DONE_EVENT
+    def stream_state(self, request, plan) -> _CompletionStream:
+        return _CompletionStream(request, plan)
 
 
 class _CompletionStream:

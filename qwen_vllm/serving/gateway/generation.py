@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from qwen_vllm.serving.gateway.errors import (
     from_backend,
     from_chunk,
 )
+from qwen_vllm.serving.gateway.metrics import GatewayMetrics
 from qwen_vllm.serving.gateway.openai_models import SamplingRequest, Usage
 from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
 from qwen_vllm.serving.settings import GatewaySettings
@@ -397,3 +399,54 @@ class ChoiceStreams:
             for stream in self._streams:
                 with contextlib.suppress(Exception):
                     await stream.aclose()  # type: ignore[attr-defined]
+
+
+class StreamingService:
+    """What chat and completions share: the backend, limits, metrics, and the
+    streamed response around a per-request stream state."""
+
+    # The request field a failure of the prompt is reported against.
+    prompt_param = "prompt"
+
+    def __init__(
+        self, backend: Backend, settings: GatewaySettings, metrics: GatewayMetrics
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+
+    async def plan(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    def stream_state(self, request: Any, plan: Any) -> Any:
+        """The object whose events(streams) yields the SSE events."""
+        raise NotImplementedError
+
+    async def stream(self, request: Any) -> EventStream:
+        """Opens the worker streams (errors so far raise) and returns the SSE."""
+        started = time.perf_counter()
+        plan = await self.plan(request)
+        streams = await ChoiceStreams.open(
+            self.backend, request.model, plan.params, self.prompt_param
+        )
+        self.metrics.time_to_first_token.labels(request.model).observe(
+            time.perf_counter() - started
+        )
+        return EventStream(self._sse(request, plan, streams), streams.close)
+
+    async def _sse(
+        self, request: Any, plan: Any, streams: ChoiceStreams
+    ) -> AsyncIterator[str]:
+        state = self.stream_state(request, plan)
+        try:
+            async for event in state.events(streams):
+                yield event
+        except APIError as exc:
+            yield sse_event(exc.body())
+        finally:
+            await streams.close()
+            total = state.usage.usage()
+            self.metrics.count_tokens(
+                request.model, total.prompt_tokens, total.completion_tokens
+            )
+        yield DONE_EVENT

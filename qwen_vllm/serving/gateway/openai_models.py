@@ -10,9 +10,36 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 _FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def lone_surrogate(data: Any) -> tuple[str, str] | None:
+    """(parameter path, character) of the first lone UTF-16 surrogate in data.
+
+    JSON can spell one ("\\ud800") and Python decodes it, but it cannot be
+    encoded as UTF-8: left in, it fails later, on the way to the worker or in
+    the response, as a server error instead of the client's.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:  # iterative: nesting depth is the client's choice
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path or "body", value[exc.start]
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                # The path goes into the error message: it must encode itself.
+                name = str(key).encode("utf-8", "backslashreplace").decode()
+                where = f"{path}.{name}" if path else name
+                stack += [(where, key), (where, item)]
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 class _Body(BaseModel):
@@ -25,6 +52,19 @@ class StreamOptions(_Body):
 
 class SamplingRequest(_Body):
     """Fields chat and completions share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = lone_surrogate(data)
+        if found is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{param} contains a lone UTF-16 surrogate (U+{code}), which is "
+                "not valid Unicode",
+                {"param": found[0], "code": f"{ord(found[1]):04X}"},
+            )
+        return data
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
