@@ -171,11 +171,17 @@ def test_serve_node_demo_with_tensor_parallel_2_on_cpu(tmp_path):
         ready_s = time.monotonic() - started
 
         known = processes_of(proc.pid)
-        ranks = {
-            pid: omp_places(pid)
-            for pid in known
-            if "Worker_TP" in cmdline(pid) or "VllmWorker" in cmdline(pid)
+        # Ray may start its daemons detached from the serve process, so the
+        # ranks are found by name: no other test serves with tensor parallel.
+        tp_ranks = {
+            int(entry.name): proc_stat(int(entry.name))[2]
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit()
+            and "Worker_TP" in cmdline(int(entry.name))
+            and proc_stat(int(entry.name)) is not None
         }
+        known.update(tp_ranks)
+        ranks = {pid: omp_places(pid) for pid in tp_ranks}
         assert len(ranks) == 2, f"expected 2 tensor-parallel ranks: {ranks}"
         places = [p for p in ranks.values() if p is not None]
         # Best effort: vLLM may set OMP_PLACES after a rank has started, and

@@ -18,6 +18,7 @@ from tests.serving.webui_page import (
     FastChatPage,
     chromium_context,
     keep_on_loopback,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -51,7 +52,7 @@ def test_chat_streams_from_the_real_workers(stack):
         after = [w["requests_total"] for w in _healths(stack)]
         assert sum(after) == sum(before) + 1
         chat.clear()
-        assert chat.messages() == []
+        wait_until(lambda: chat.messages() == [], 10, "the chat to be cleared")
 
 
 def test_fastchat_web_ui_serves_our_model(stack, tmp_path):
