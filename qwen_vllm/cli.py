@@ -173,11 +173,18 @@ def _run_chat(args: argparse.Namespace) -> None:
         ).run()
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from qwen_vllm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_chat,
     *(_add_service(kind) for kind in _SERVICE_HELP),
     _add_demo_model,
+    _add_bench,
 ]
 
 

@@ -160,7 +160,11 @@ class ControllerClient:
         address = reply.get("address") or ""
         if address:
             return str(address).rstrip("/")
-        if model not in await self.list_models():
+        models = await self.list_models()
+        # No model at all: the controller has just restarted (workers not yet
+        # registered again) or every worker is down; that is an outage, not
+        # a model that does not exist.
+        if models and model not in models:
             raise UnknownModelError(model)
         raise NoWorkerError(
             str(reply.get("error") or f"No healthy worker serves {model!r} right now.")

@@ -21,6 +21,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from qwen_vllm.serving.controller import InternalTokenMiddleware
 from qwen_vllm.serving.protocol import (
     INTERNAL_TOKEN_HEADER,
     QWEN_CONV_TEMPLATE,
@@ -188,6 +189,12 @@ def create_app(
             )
 
     guarded = [Depends(check_token)]
+    if settings.internal_token is not None:
+        # Also guards what no route dependency covers: the schema and docs
+        # pages, and unknown paths (a 401, not a 404 that maps the API).
+        app.add_middleware(
+            InternalTokenMiddleware, token=settings.internal_token.get_secret_value()
+        )
 
     async def read_params(request: Request) -> GenerateParams | GenerateChunk:
         try:
