@@ -55,11 +55,12 @@ def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
         "kv_cache_dtype": settings.kv_cache_dtype,
         "enforce_eager": settings.enforce_eager,
         "disable_log_stats": True,
+    }
+    if settings.tensor_parallel_size > 1:
         # Tensor-parallel ranks run as subprocesses of the worker, inside the
         # worker's placement group; vLLM would otherwise pick its Ray executor
-        # whenever Ray is initialised.
-        "distributed_executor_backend": "mp",
-    }
+        # whenever Ray is initialised. (One rank runs in the engine process.)
+        args["distributed_executor_backend"] = "mp"
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
     if settings.max_num_seqs is not None:

@@ -267,6 +267,32 @@ class ChatPage:
         wait_until(check, timeout or self.timeout, "the answer")
         return seen[0]
 
+    def record_answer_states(self) -> None:
+        """From now on, record in the page every text the next answer shows.
+
+        A MutationObserver sees each streamed update however fast it comes,
+        where polling from here can miss a short stream entirely. Read the
+        record with `recorded_answer_states()`.
+        """
+        self.page.evaluate(
+            """(selector) => {
+                const chatbot = document.querySelector(selector);
+                const bots = () => chatbot.querySelectorAll('[data-testid=bot]');
+                const shownBefore = bots().length;
+                const states = (window.__answerStates = []);
+                new MutationObserver(() => {
+                    const all = bots();
+                    if (all.length <= shownBefore) return;
+                    const text = all[all.length - 1].innerText;
+                    if (states[states.length - 1] !== text) states.push(text);
+                }).observe(chatbot, {subtree: true, childList: true, characterData: true});
+            }""",
+            self.CHATBOT,
+        )
+
+    def recorded_answer_states(self) -> list[str]:
+        return self.page.evaluate("window.__answerStates || []")
+
     def watch_answer(
         self, until: Callable[[str], bool], timeout: float | None = None
     ) -> list[str]:
