@@ -38,6 +38,7 @@ class QWenConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         _check_quantization_kernels(vllm_config)
+        _check_kv_cache_kernels(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         long_prompts = vllm_config.model_config.max_model_len > hf_config.seq_length
         cache = vllm_config.cache_config
@@ -76,4 +77,22 @@ def _check_quantization_kernels(vllm_config: VllmConfig) -> None:
         raise ValueError(
             f"This is a {bits}-bit GPTQ checkpoint; vLLM's CPU GPTQ kernel runs only "
             "4-bit weights. Serve it on a GPU, or use the -Int4 release on CPU."
+        )
+
+
+def _check_kv_cache_kernels(vllm_config: VllmConfig) -> None:
+    """Fail before the engine starts where this CPU cannot run an fp8 KV cache
+    (vLLM would only find out inside the engine process, once per worker)."""
+    from vllm.platforms import current_platform
+
+    dtype = vllm_config.cache_config.cache_dtype or "auto"
+    if not dtype.startswith("fp8") or not current_platform.is_cpu():
+        return
+    import torch
+
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        raise ValueError(
+            f"--kv-cache-dtype {dtype}: vLLM's CPU build runs fp8 KV caches only "
+            "on CPUs with AVX-512 or AMX, and this one has neither. Leave the KV "
+            "cache dtype at auto here, or serve on a GPU or an AVX-512 machine."
         )

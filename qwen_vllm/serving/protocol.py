@@ -22,6 +22,12 @@ INTERNAL_TOKEN_HEADER = "X-Qwen-Vllm-Token"
 QWEN_CONV_TEMPLATE = "qwen-7b-chat"
 
 
+# The engine carries a seed as a 64-bit int, signed or unsigned; a larger one
+# fails inside vLLM's frontend.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
 class ErrorCode(IntEnum):
     """FastChat's error codes (fastchat.constants.ErrorCode), same values."""
 
@@ -102,7 +108,7 @@ class GenerateParams(_Message):
     stop_token_ids: list[int] | None = None
     echo: bool = False
     logprobs: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     request_id: str | None = None
     # The gateway trims chat history to the model's window; FastChat does not.
     max_window_size: int | None = None

@@ -83,6 +83,30 @@ def test_8_bit_gptq_on_cpu_is_refused_plainly(tmp_path, monkeypatch):
         EngineArgs(model=str(int8_dir), max_model_len=256).create_engine_config()
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_without_avx512_is_refused_plainly(
+    tmp_path, monkeypatch, kv_cache_dtype
+):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("a CPU-only limitation")
+    model = write_demo_model(tmp_path / "demo", SPEC)
+
+    def config(avx512: bool):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return EngineArgs(
+            model=str(model), max_model_len=256, kv_cache_dtype=kv_cache_dtype
+        ).create_engine_config()
+
+    with pytest.raises(ValueError, match="AVX-512 or AMX"):
+        config(avx512=False)
+    # Where the CPU has the instructions, the engine gets the fp8 cache.
+    assert config(avx512=True).cache_config.cache_dtype == kv_cache_dtype
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not gptq_kernel_available(), reason="needs a GPTQ kernel")
 def test_int4_generation_matches_the_dequantized_reference(int4_dir):

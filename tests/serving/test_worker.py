@@ -114,6 +114,20 @@ async def test_bad_params_get_an_error_chunk_not_a_crash(client):
     assert engine.seen == []
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+async def test_seeds_the_engine_cannot_carry_get_an_error_chunk(client, seed):
+    http, engine = client
+    reply = await http.post("/worker_generate", json={"prompt": "x", "seed": seed})
+    body = reply.json()
+    assert body["error_code"] == 40001 and "seed" in body["text"]
+    assert engine.seen == []
+    # The extremes that fit reach the engine.
+    for edge in (2**64 - 1, -(2**63)):
+        reply = await http.post("/worker_generate", json={"prompt": "x", "seed": edge})
+        assert reply.json()["error_code"] == 0
+    assert [params.seed for params in engine.seen] == [2**64 - 1, -(2**63)]
+
+
 async def test_fastchat_endpoints(client):
     from fastchat.conversation import Conversation, SeparatorStyle
 

@@ -285,7 +285,9 @@ class ChatPage:
                     if (all.length <= shownBefore) return;
                     const text = all[all.length - 1].innerText;
                     if (states[states.length - 1] !== text) states.push(text);
-                }).observe(chatbot, {subtree: true, childList: true, characterData: true});
+                }).observe(chatbot, {
+                    subtree: true, childList: true, characterData: true,
+                });
             }""",
             self.CHATBOT,
         )

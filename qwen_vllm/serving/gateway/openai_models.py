@@ -72,8 +72,8 @@ class SamplingRequest(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0: no top-k cut.")
     n: int = Field(1, ge=1)
-    # vLLM takes 64-bit seeds (an int beyond fails inside the engine's
-    # frontend); choice i uses seed + i, which stays within uint64.
+    # Signed 64-bit, as vllm serve takes it; choice i's seed + i then stays
+    # within what the worker takes (protocol.SEED_MAX).
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
