@@ -25,7 +25,11 @@ from qwen_vllm.serving.gateway.backend import Backend, WorkerStatusSource
 from qwen_vllm.serving.gateway.chat_service import ChatService
 from qwen_vllm.serving.gateway.completion_service import CompletionService
 from qwen_vllm.serving.gateway.errors import APIError, install_error_handlers
-from qwen_vllm.serving.gateway.generation import SSE_HEADERS, EventStream
+from qwen_vllm.serving.gateway.generation import (
+    SSE_HEADERS,
+    EventStream,
+    StreamingService,
+)
 from qwen_vllm.serving.gateway.limits import (
     AccessMiddleware,
     ApiKeys,
@@ -160,13 +164,7 @@ def _routes() -> APIRouter:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, gateway: GatewayDep
     ) -> Any:
-        if body.stream:
-            events = await gateway.chat.stream(body)
-            request.state.model = body.model
-            return _event_stream(events)
-        response = await gateway.chat.complete(body)
-        request.state.model = body.model
-        return response
+        return await _answer(gateway.chat, body, request)
 
     @router.post(
         "/v1/completions",
@@ -177,15 +175,19 @@ def _routes() -> APIRouter:
     async def completions(
         body: CompletionRequest, request: Request, gateway: GatewayDep
     ) -> Any:
-        if body.stream:
-            events = await gateway.completions.stream(body)
-            request.state.model = body.model
-            return _event_stream(events)
-        response = await gateway.completions.complete(body)
-        request.state.model = body.model
-        return response
+        return await _answer(gateway.completions, body, request)
 
     return router
+
+
+async def _answer(service: StreamingService, body: Any, request: Request) -> Any:
+    """The whole response, or its event stream if the request asks to stream."""
+    if body.stream:
+        answer: Any = _event_stream(await service.stream(body))
+    else:
+        answer = await service.complete(body)
+    request.state.model = body.model  # for the access metrics
+    return answer
 
 
 def _event_stream(stream: EventStream) -> StreamingResponse:

@@ -9,9 +9,7 @@ whole or while streaming.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +26,8 @@ from qwen_vllm.chat.react import (
 )
 from qwen_vllm.serving.gateway.errors import bad_request
 from qwen_vllm.serving.gateway.generation import (
-    ChoiceStreams,
     StreamingService,
-    TextTracker,
+    StreamState,
     UsageCounter,
     chat_logprobs,
     check_context,
@@ -42,7 +39,6 @@ from qwen_vllm.serving.gateway.generation import (
     generate_all,
     parse_logprobs,
     sampling_fields,
-    sse_event,
     worker_failed,
 )
 from qwen_vllm.serving.gateway.openai_models import (
@@ -226,16 +222,14 @@ class ChatService(StreamingService):
         return _ChatStream(request, plan)
 
 
-class _ChatStream:
-    """State of one streamed chat response: per-choice text, parsers, usage."""
+class _ChatStream(StreamState):
+    """A streamed chat response: deltas, with ReAct output parsed as it comes."""
+
+    object_name = "chat.completion.chunk"
+    prompt_param = PROMPT_PARAM
 
     def __init__(self, request: ChatCompletionRequest, plan: ChatPlan) -> None:
-        self.request = request
-        self.plan = plan
-        self.created = int(time.time())
-        self.usage = UsageCounter()
-        n = len(plan.params)
-        self.trackers = [TextTracker() for _ in range(n)]
+        super().__init__(request, plan)
         react = plan.react
         self.parsers = [
             ReactStreamParser(
@@ -243,61 +237,29 @@ class _ChatStream:
             )
             if react.parse_output
             else None
-            for _ in range(n)
+            for _ in self.finished
         ]
-        self.finished = [False] * n
 
-    def event(
+    def delta(
         self,
-        index: int | None,
+        index: int,
         delta: dict[str, Any] | None = None,
         *,
         logprobs: dict[str, Any] | None = None,
         finish: str | None = None,
     ) -> str:
-        data: dict[str, Any] = {
-            "id": self.plan.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.request.model,
-            "choices": []
-            if index is None
-            else [
-                {
-                    "index": index,
-                    "delta": delta or {},
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }
-            ],
-        }
-        if self.request.include_usage:
-            data["usage"] = self.usage.usage().model_dump() if index is None else None
-        return sse_event(data)
+        return self.event(
+            index,
+            {"delta": delta or {}, "logprobs": logprobs, "finish_reason": finish},
+        )
 
-    async def events(self, streams: ChoiceStreams) -> AsyncIterator[str]:
-        for index in range(len(self.finished)):
-            yield self.event(index, {"role": "assistant", "content": ""})
-        last: dict[int, GenerateChunk] = {}
-        async for index, chunk in streams.chunks():
-            if self.finished[index]:
-                continue
-            if worker_failed(chunk):
-                raise failure(chunk, PROMPT_PARAM)
-            last[index] = chunk
-            for event in self._progress(index, chunk):
-                yield event
-            if chunk.finish_reason is not None:
-                for event in self._finish(index, chunk):
-                    yield event
-        for index, done in enumerate(self.finished):
-            if not done:  # the worker ended its stream without a finish reason
-                for event in self._finish(index, last.get(index, GenerateChunk())):
-                    yield event
-        if self.request.include_usage:
-            yield self.event(None)
+    def opening(self) -> list[str]:
+        return [
+            self.delta(index, {"role": "assistant", "content": ""})
+            for index in range(len(self.finished))
+        ]
 
-    def _progress(self, index: int, chunk: GenerateChunk) -> list[str]:
+    def progress(self, index: int, chunk: GenerateChunk) -> list[str]:
         tracker, parser = self.trackers[index], self.parsers[index]
         text = tracker.delta(chunk)
         content = parser.feed(text) if parser is not None else text
@@ -308,10 +270,9 @@ class _ChatStream:
                 logprobs = chat_logprobs(fresh, self.plan.top_logprobs)
         if not content and logprobs is None:
             return []
-        return [self.event(index, {"content": content}, logprobs=logprobs)]
+        return [self.delta(index, {"content": content}, logprobs=logprobs)]
 
-    def _finish(self, index: int, chunk: GenerateChunk) -> list[str]:
-        self.finished[index] = True
+    def finish(self, index: int, chunk: GenerateChunk) -> list[str]:
         self.usage.record(index, 0, chunk)
         parser = self.parsers[index]
         events = []
@@ -319,14 +280,14 @@ class _ChatStream:
         if parser is not None:
             end = parser.finish()
             if end.content_delta:
-                events.append(self.event(index, {"content": end.content_delta}))
+                events.append(self.delta(index, {"content": end.content_delta}))
             call = end.output.tool_call
         if call is None:
-            events.append(self.event(index, finish=finish_reason(chunk)))
+            events.append(self.delta(index, finish=finish_reason(chunk)))
         elif self.plan.tools.legacy:
             function = {"name": call.name, "arguments": call.arguments}
-            events.append(self.event(index, {"function_call": function}))
-            events.append(self.event(index, finish="function_call"))
+            events.append(self.delta(index, {"function_call": function}))
+            events.append(self.delta(index, finish="function_call"))
         else:
             tool_call = {
                 "index": 0,
@@ -334,8 +295,8 @@ class _ChatStream:
                 "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments},
             }
-            events.append(self.event(index, {"tool_calls": [tool_call]}))
-            events.append(self.event(index, finish="tool_calls"))
+            events.append(self.delta(index, {"tool_calls": [tool_call]}))
+            events.append(self.delta(index, finish="tool_calls"))
         return events
 
 

@@ -6,16 +6,13 @@ is done here (the prompt is put in front of the output), not by the worker.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from qwen_vllm.serving.gateway.generation import (
-    ChoiceStreams,
     StreamingService,
-    TextTracker,
+    StreamState,
     UsageCounter,
     check_context,
     check_limits,
@@ -27,7 +24,6 @@ from qwen_vllm.serving.gateway.generation import (
     generate_all,
     parse_logprobs,
     sampling_fields,
-    sse_event,
     worker_failed,
 )
 from qwen_vllm.serving.gateway.openai_models import (
@@ -108,70 +104,39 @@ class CompletionService(StreamingService):
         return _CompletionStream(request, plan)
 
 
-class _CompletionStream:
-    def __init__(self, request: CompletionRequest, plan: CompletionPlan) -> None:
-        self.request = request
-        self.plan = plan
-        self.created = int(time.time())
-        self.usage = UsageCounter()
-        n = len(plan.params)
-        self.trackers = [TextTracker() for _ in range(n)]
-        self.text_offsets = [0] * n
-        self.finished = [False] * n
+class _CompletionStream(StreamState):
+    """A streamed completion: text pieces, after the echoed prompt if asked."""
 
-    def event(
+    object_name = "text_completion"
+    prompt_param = PROMPT_PARAM
+
+    def __init__(self, request: CompletionRequest, plan: CompletionPlan) -> None:
+        super().__init__(request, plan)
+        self.text_offsets = [0] * len(self.finished)
+
+    def piece(
         self,
-        index: int | None,
+        index: int,
         text: str = "",
         *,
         logprobs: dict[str, Any] | None = None,
         finish: str | None = None,
     ) -> str:
-        data: dict[str, Any] = {
-            "id": self.plan.request_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.request.model,
-            "choices": []
-            if index is None
-            else [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }
-            ],
-        }
-        if self.request.include_usage:
-            data["usage"] = self.usage.usage().model_dump() if index is None else None
-        return sse_event(data)
+        return self.event(
+            index, {"text": text, "logprobs": logprobs, "finish_reason": finish}
+        )
 
-    async def events(self, streams: ChoiceStreams) -> AsyncIterator[str]:
-        if self.request.echo:
-            for index in range(len(self.finished)):
-                prompt = self.plan.prompts[self.plan.prompt_of(index)]
-                self.text_offsets[index] = len(prompt)
-                yield self.event(index, prompt)
-        last: dict[int, GenerateChunk] = {}
-        async for index, chunk in streams.chunks():
-            if self.finished[index]:
-                continue
-            if worker_failed(chunk):
-                raise failure(chunk, PROMPT_PARAM)
-            last[index] = chunk
-            event = self._progress(index, chunk)
-            if event:
-                yield event
-            if chunk.finish_reason is not None:
-                yield self._finish(index, chunk)
-        for index, done in enumerate(self.finished):
-            if not done:
-                yield self._finish(index, last.get(index, GenerateChunk()))
-        if self.request.include_usage:
-            yield self.event(None)
+    def opening(self) -> list[str]:
+        if not self.request.echo:
+            return []
+        events = []
+        for index in range(len(self.finished)):
+            prompt = self.plan.prompts[self.plan.prompt_of(index)]
+            self.text_offsets[index] = len(prompt)
+            events.append(self.piece(index, prompt))
+        return events
 
-    def _progress(self, index: int, chunk: GenerateChunk) -> str | None:
+    def progress(self, index: int, chunk: GenerateChunk) -> list[str]:
         tracker = self.trackers[index]
         text = tracker.delta(chunk)
         logprobs = None
@@ -182,10 +147,9 @@ class _CompletionStream:
                 logprobs = completion_logprobs(fresh, top, self.text_offsets[index])
                 self.text_offsets[index] += sum(len(e.token) for e in fresh)
         if not text and logprobs is None:
-            return None
-        return self.event(index, text, logprobs=logprobs)
+            return []
+        return [self.piece(index, text, logprobs=logprobs)]
 
-    def _finish(self, index: int, chunk: GenerateChunk) -> str:
-        self.finished[index] = True
+    def finish(self, index: int, chunk: GenerateChunk) -> list[str]:
         self.usage.record(index, self.plan.prompt_of(index), chunk)
-        return self.event(index, finish=finish_reason(chunk))
+        return [self.piece(index, finish=finish_reason(chunk))]

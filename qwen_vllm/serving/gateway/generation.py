@@ -401,6 +401,75 @@ class ChoiceStreams:
                     await stream.aclose()  # type: ignore[attr-defined]
 
 
+class StreamState:
+    """One streamed response: each choice's text, usage and end, the envelope
+    of every event. Subclasses say what a choice's opening, progress and end
+    events are (`object_name` is the OpenAI chunk type)."""
+
+    object_name = ""
+    prompt_param = "prompt"
+
+    def __init__(self, request: Any, plan: Any) -> None:
+        self.request = request
+        self.plan = plan
+        self.created = int(time.time())
+        self.usage = UsageCounter()
+        n = len(plan.params)
+        self.trackers = [TextTracker() for _ in range(n)]
+        self.finished = [False] * n
+
+    def event(self, index: int | None, choice: dict[str, Any] | None = None) -> str:
+        """One SSE event: a choice's fields, or (index None) the usage."""
+        data: dict[str, Any] = {
+            "id": self.plan.request_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.request.model,
+            "choices": [] if index is None else [{"index": index, **(choice or {})}],
+        }
+        if self.request.include_usage:
+            data["usage"] = self.usage.usage().model_dump() if index is None else None
+        return sse_event(data)
+
+    async def events(self, streams: ChoiceStreams) -> AsyncIterator[str]:
+        for event in self.opening():
+            yield event
+        last: dict[int, GenerateChunk] = {}
+        async for index, chunk in streams.chunks():
+            if self.finished[index]:
+                continue
+            if worker_failed(chunk):
+                raise failure(chunk, self.prompt_param)
+            last[index] = chunk
+            for event in self.progress(index, chunk):
+                yield event
+            if chunk.finish_reason is not None:
+                for event in self._end(index, chunk):
+                    yield event
+        for index, done in enumerate(self.finished):
+            if not done:  # the worker ended its stream without a finish reason
+                for event in self._end(index, last.get(index, GenerateChunk())):
+                    yield event
+        if self.request.include_usage:
+            yield self.event(None)
+
+    def _end(self, index: int, chunk: GenerateChunk) -> list[str]:
+        self.finished[index] = True
+        return self.finish(index, chunk)
+
+    def opening(self) -> list[str]:
+        """Events before any generated text."""
+        return []
+
+    def progress(self, index: int, chunk: GenerateChunk) -> list[str]:
+        """Events for a choice's new chunk."""
+        raise NotImplementedError
+
+    def finish(self, index: int, chunk: GenerateChunk) -> list[str]:
+        """Events that end a choice, given its last chunk."""
+        raise NotImplementedError
+
+
 class StreamingService:
     """What chat and completions share: the backend, limits, metrics, and the
     streamed response around a per-request stream state."""
@@ -418,8 +487,7 @@ class StreamingService:
     async def plan(self, request: Any) -> Any:
         raise NotImplementedError
 
-    def stream_state(self, request: Any, plan: Any) -> Any:
-        """The object whose events(streams) yields the SSE events."""
+    def stream_state(self, request: Any, plan: Any) -> StreamState:
         raise NotImplementedError
 
     async def stream(self, request: Any) -> EventStream:
