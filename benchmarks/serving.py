@@ -5,7 +5,8 @@ One Qwen v1 checkpoint (random weights), the same engine flags everywhere
 pinned to core 0), the same seeded streams of chat requests (mixed prompt and
 output lengths), at 1, 8 and 32 concurrent streaming clients, measured with
 qwen_vllm's load generator. Systems are measured in turn, in a rotating
-order each round, so machine noise hits all of them alike:
+order each round, so machine noise hits all of them alike, each after a few
+seconds of quiet and one uncounted request (see SETTLE_S):
 
   qwen-vllm  `qwen-vllm serve --num-workers 1`, through its OpenAI gateway
   vllm       `vllm serve` on the same checkpoint (the plugin makes it load)
@@ -209,11 +210,17 @@ def wait_for_worker(controller: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def deployment(model: Path, workdir: Path, systems: list[str]) -> Iterator[dict]:
-    """Start every system; yield {system: OpenAI base URL}; stop them all."""
+def deployment(
+    model: Path, workdir: Path, systems: list[str], ports: dict[str, int] | None = None
+) -> Iterator[dict]:
+    """Start every system; yield {system: OpenAI base URL}; stop them all.
+
+    `ports` (filled in here) tells the caller where qwen-vllm's gateway,
+    controller and worker listen."""
     logs = workdir / "logs"
-    ports = {name: free_port() for name in ("gateway", "controller", "worker")}
-    ports["vllm"], ports["fastchat"] = free_port(), free_port()
+    ports = {} if ports is None else ports
+    for name in ("gateway", "controller", "worker", "vllm", "fastchat"):
+        ports[name] = free_port()
     controller = f"http://127.0.0.1:{ports['controller']}"
     engine_flags = ["--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
     # qwen-vllm and fastchat share one engine and every system gets the same
@@ -329,6 +336,20 @@ def load_config(url: str, concurrency: int, requests: int, plan: dict, seed: int
     )
 
 
+# The engines share core 0, and one that has just worked keeps its threads
+# spinning for a while: a system measured right after another then sees up to
+# a second more on its first requests (measured: ~0.8 s on every request when
+# two servers are called alternately 0.3 s apart, none 2 s apart).
+SETTLE_S = 3.0
+
+
+def settle(url: str, plan: dict) -> None:
+    """Let the previous system's engine go idle, then send the next one a
+    request that is not counted (its connections and first-request paths)."""
+    time.sleep(SETTLE_S)
+    asyncio.run(LoadGenerator(load_config(url, 1, 1, plan, seed=20_000)).run())
+
+
 def measure(urls: dict[str, str], plan: dict, concurrency: list[int]) -> list[dict]:
     """Every (round, concurrency, system) run, systems in a rotating order."""
     runs: list[dict] = []
@@ -351,6 +372,7 @@ def measure(urls: dict[str, str], plan: dict, concurrency: list[int]) -> list[di
                     f"round {round_ + 1}/{plan['rounds']}: {name} at concurrency "
                     f"{level} ({requests} requests) ..."
                 )
+                settle(urls[name], plan)
                 # The same seed for every system: the same requests.
                 config = load_config(
                     urls[name], level, requests, plan, seed=round_ * 1000 + level
