@@ -554,8 +554,12 @@ async def test_the_gateway_killed_under_load(stack) -> None:
     groups = classify(run, killed_at)
     assert_no_hang_and_clean(run)
     # The streams in flight were cut with the connection: a clean failure.
-    for r in groups["streaming"] + groups["pending"]:
+    for r in groups["streaming"]:
         assert r.ok or r.kind == "disconnected", (r.kind, r.message)
+    # A request sent just as the gateway died may not have connected yet:
+    # then it is refused, as clean a failure as a cut.
+    for r in groups["pending"]:
+        assert r.ok or r.kind in ("disconnected", "connect"), (r.kind, r.message)
     assert any(r.kind in ("connect", "disconnected") for r in run.requests)
     after = await assert_recovered(stack, seed=6)
     record(
