@@ -234,10 +234,15 @@ def test_client_disconnect_frees_the_engine_slot(stack):
         timeout=60,
     ) as reply:
         lines = reply.iter_lines()
-        for _ in range(6):
-            next(lines)
-        busy = sum(_worker_health(u)["queue_length"] for u in stack.worker_urls())
-        assert busy == 1
+        events = [next(lines) for _ in range(6)]
+        # One generation is running (the workers report it within a moment).
+        deadline = time.monotonic() + 5
+        while True:
+            healths = [_worker_health(u) for u in stack.worker_urls()]
+            if sum(h["queue_length"] for h in healths) == 1:
+                break
+            assert time.monotonic() < deadline, (healths, events)
+            time.sleep(0.1)
     deadline = time.monotonic() + 5
     while sum(_worker_health(u)["queue_length"] for u in stack.worker_urls()):
         assert time.monotonic() < deadline, (
