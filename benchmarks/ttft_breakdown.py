@@ -40,6 +40,7 @@ from serving import (  # noqa: E402  (the serving benchmark's deployment)
     status,
 )
 
+from qwen_vllm.bench.loadgen import percentiles  # noqa: E402
 from qwen_vllm.bench.report import write_json  # noqa: E402
 
 CALLS = ("lookup", "worker", "gateway")
@@ -99,15 +100,6 @@ def measure(urls: dict[str, str], rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "p10": ordered[len(ordered) // 10],
-        "p50": statistics.median(ordered),
-        "p90": ordered[(9 * len(ordered)) // 10],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=150)
@@ -132,37 +124,41 @@ def main() -> None:
             "worker": f"http://127.0.0.1:{ports['worker']}",
         }
         samples = measure(urls, args.rounds)
+    command = "benchmarks/ttft_breakdown.py " + " ".join(sys.argv[1:])
+    result = {
+        "command": command.strip(),
+        "started_at": started_at,
+        "machine": machine(),
+        "rounds": args.rounds,
+        "samples_ms": samples,
+    }
+    write_report(result, args.out)
+
+
+def write_report(result: dict, out: Path) -> None:
+    """Percentiles of each call and of the gateway's paired addition: the
+    JSON (with every sample), .md and .png."""
+    samples = result["samples_ms"]
     added = [g - w for g, w in zip(samples["gateway"], samples["worker"], strict=True)]
     table = {call: percentiles(values) for call, values in samples.items()}
     table["gateway - worker (paired)"] = percentiles(added)
-
-    command = "benchmarks/ttft_breakdown.py " + " ".join(sys.argv[1:])
+    result["table"] = table
     lines = [
-        f"`{command.strip()}`, {started_at}, {args.rounds} rounds",
+        f"`{result['command']}`, {result['started_at']}, {result['rounds']} rounds",
         "",
-        "| call | p10 ms | p50 ms | p90 ms |",
+        "| call | p50 ms | p90 ms | p99 ms |",
         "|---|---|---|---|",
     ]
     for call, row in table.items():
         lines.append(
-            f"| {call} | {row['p10']:.2f} | {row['p50']:.2f} | {row['p90']:.2f} |"
+            f"| {call} | {row['p50']:.2f} | {row['p90']:.2f} | {row['p99']:.2f} |"
         )
     text = "\n".join(lines)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    write_json(
-        args.out.with_suffix(".json"),
-        {
-            "command": command.strip(),
-            "started_at": started_at,
-            "machine": machine(),
-            "rounds": args.rounds,
-            "table": table,
-            "samples_ms": samples,
-        },
-    )
-    plot(samples, added, args.out.with_suffix(".png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    write_json(out.with_suffix(".json"), result)
+    plot(samples, added, out.with_suffix(".png"))
 
 
 def plot(samples: dict[str, list[float]], added: list[float], path: Path) -> None:
