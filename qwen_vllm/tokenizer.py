@@ -81,6 +81,9 @@ def byte_level_alphabet() -> list[str]:
     return alphabet
 
 
+_BYTE_OF_CHAR = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+
+
 def bpe_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of every token into two tokens, by the merged token's rank.
 
@@ -271,6 +274,18 @@ class QWenTokenizer(TokenizersBackend):
         if not text:
             return []
         return self._plain_tokenizer.encode(_nfc(text), add_special_tokens=False).ids
+
+    def decode_tokens_bytes(self, ids: list[int]) -> list[bytes]:
+        """The raw bytes of each token, like tiktoken's method of that name.
+
+        A token may hold part of a UTF-8 character, which decode() cannot
+        show. Special tokens give their text.
+        """
+        # Special tokens are printable ASCII, which the alphabet keeps as is.
+        return [
+            bytes(_BYTE_OF_CHAR[char] for char in token)
+            for token in self.convert_ids_to_tokens(ids)
+        ]
 
     def _encode_plus(
         self, text: Any, text_pair: Any = None, **kwargs: Any

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
 import pytest
 
-# Small KV cache on CPU; set before any vLLM engine process is spawned.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model  # noqa: E402
+from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
 
 # A second architecture beside the default demo: partial rotary, more layers
 # and heads, GPT-2 style config names, stored in three safetensors shards.
@@ -34,10 +28,19 @@ WIDE_SPEC = DemoModelSpec(
 )
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before in this session
+    (the kernel may offer a just-closed port again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out and port + 1 not in _handed_out:
+            _handed_out.update((port, port + 1))
+            return port
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +81,6 @@ class Stack:
             str(self.model_dir),
             "--num-workers",
             "2",
-            "--enforce-eager",
             "--max-model-len",
             "2048",
             "--port",
@@ -126,3 +128,106 @@ def stack(demo_dir, tmp_path_factory):
         models = httpx.get(f"{deployment.gateway}/v1/models", headers=headers)
         assert [m["id"] for m in models.json()["data"]] == [deployment.model]
         yield deployment
+
+
+# ---------------------------------------------------------------- skip policy
+# Every skip is recorded (in setup or call, skipif, importorskip, a module
+# skipped while collected); at the end of the session, skips that
+# tests/allowed_skips.toml does not allow are listed and fail the run, so a CI
+# run cannot pass with a silently smaller suite.
+
+import dataclasses  # noqa: E402
+import fnmatch  # noqa: E402
+import tomllib  # noqa: E402
+
+ALLOWED_SKIPS = "tests/allowed_skips.toml"  # relative to the pytest rootdir
+_MATCHERS = ("marker", "node", "reason")
+_allowed_key = pytest.StashKey[list[dict]]()
+_skipped_key = pytest.StashKey[list["Skip"]]()
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    nodeid: str
+    reason: str
+    markers: frozenset[str] = frozenset()
+
+
+def load_allowed_skips(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise pytest.UsageError(f"{path}: the list of allowed skips is missing")
+    entries = tomllib.loads(path.read_text()).get("allow", [])
+    for number, entry in enumerate(entries, 1):
+        unknown = set(entry) - {*_MATCHERS, "why"}
+        if unknown or not entry.get("why") or not set(entry) & set(_MATCHERS):
+            raise pytest.UsageError(
+                f"{path}: allow entry {number} needs a `why` and at least one of "
+                f"{', '.join(_MATCHERS)}, and nothing else: {entry}"
+            )
+    return entries
+
+
+def is_allowed(skip: Skip, entries: list[dict]) -> bool:
+    """An entry allows a skip when every matcher it gives matches."""
+    return any(
+        ("marker" not in entry or entry["marker"] in skip.markers)
+        and ("node" not in entry or fnmatch.fnmatchcase(skip.nodeid, entry["node"]))
+        and ("reason" not in entry or entry["reason"] == skip.reason)
+        for entry in entries
+    )
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return message.removeprefix("Skipped: ")
+
+
+def _unexpected_skips(config: pytest.Config) -> list[Skip]:
+    allowed = config.stash[_allowed_key]
+    return [s for s in config.stash[_skipped_key] if not is_allowed(s, allowed)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_allowed_key] = load_allowed_skips(config.rootpath / ALLOWED_SKIPS)
+    config.stash[_skipped_key] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail"):
+        markers = frozenset(mark.name for mark in item.iter_markers())
+        skip = Skip(report.nodeid, _skip_reason(report), markers)
+        item.config.stash[_skipped_key].append(skip)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    report = yield
+    if report.skipped:
+        skip = Skip(report.nodeid, _skip_reason(report))
+        collector.config.stash[_skipped_key].append(skip)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    passing = (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+    if session.exitstatus in passing and _unexpected_skips(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    unexpected = _unexpected_skips(config)
+    if not unexpected:
+        return
+    terminalreporter.section(
+        f"skipped, and not allowed by {ALLOWED_SKIPS}", red=True, bold=True
+    )
+    for skip in unexpected:
+        terminalreporter.line(f"SKIPPED {skip.nodeid}: {skip.reason}")
+    terminalreporter.line(
+        f"{len(unexpected)} skip(s) not on the allow-list fail this run: install "
+        f"what they need, or allow them in {ALLOWED_SKIPS}, saying why."
+    )

@@ -82,7 +82,6 @@ def test_real_cli_in_a_pty(demo_dir):
         encoding="utf-8",
         timeout=240,
         env={
-            "VLLM_CPU_KVCACHE_SPACE": "1",
             "PATH": "/usr/bin:/bin",
             "HOME": str(Path.home()),
         },

@@ -194,6 +194,20 @@ def test_decode_round_trip(tokenizer, qwen_reference, name):
         assert tokenizer.decode(ids[cut:]) == qwen_reference.decode(ids[cut:])
 
 
+def test_token_bytes_are_the_references(tokenizer, qwen_reference):
+    ids = list(range(len(tokenizer)))
+    expected = qwen_reference.impl.tokenizer.decode_tokens_bytes(ids)
+    assert tokenizer.decode_tokens_bytes(ids) == expected
+    # Two tokens, neither a whole character: decode() shows U+FFFD for each.
+    ids = tokenizer.encode_plain("龘")
+    pieces = tokenizer.decode_tokens_bytes(ids)
+    assert len(pieces) == 2 and b"".join(pieces) == "龘".encode()
+    for token_id, piece in zip(ids, pieces, strict=True):
+        assert tokenizer.decode([token_id]) == "\ufffd"
+        with pytest.raises(UnicodeDecodeError):
+            piece.decode()
+
+
 def test_decode_skip_special_tokens(tokenizer):
     ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|><|extra_3|>!<|endoftext|>")
     assert (

@@ -39,6 +39,7 @@ class QWenConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         _check_quantization_kernels(vllm_config)
         _check_kv_cache_kernels(vllm_config)
+        _size_cpu_kv_cache(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         long_prompts = vllm_config.model_config.max_model_len > hf_config.seq_length
         cache = vllm_config.cache_config
@@ -96,3 +97,40 @@ def _check_kv_cache_kernels(vllm_config: VllmConfig) -> None:
             "on CPUs with AVX-512 or AMX, and this one has neither. Leave the KV "
             "cache dtype at auto here, or serve on a GPU or an AVX-512 machine."
         )
+
+
+def _size_cpu_kv_cache(vllm_config: VllmConfig) -> None:
+    """Size the CPU KV cache from the memory this engine can really get.
+
+    vLLM reserves 92% of the NUMA node and refuses to start when that much is
+    not free; see qwen_vllm/memory.py. An explicit size (kv_cache_memory_bytes,
+    VLLM_CPU_KVCACHE_SPACE) is left alone.
+    """
+    import os
+
+    from vllm.platforms import current_platform
+
+    from qwen_vllm import memory
+
+    cache = vllm_config.cache_config
+    if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    model_config = vllm_config.model_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    model = memory.footprint(
+        model_config.hf_config,
+        model_config.model,
+        dtype=str(model_config.dtype),
+        kv_cache_dtype=cache.cache_dtype,
+        max_model_len=model_config.max_model_len,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        ranks=tp,
+    )
+    cache.kv_cache_memory_bytes = memory.cpu_kv_cache_bytes_per_rank(model)
+    logger.info(
+        "KV cache: %s per rank, sized from this machine's available memory "
+        "(set kv_cache_memory_bytes to choose)",
+        memory.gib(cache.kv_cache_memory_bytes),
+    )

@@ -12,27 +12,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from qwen_vllm.memory import InsufficientMemory
+from qwen_vllm.serving.lifecycle import StopSignals, read_from, root_cause
 from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
-from qwen_vllm.serving.runner import SERVICES, ServiceRunner, configure_logging
+from qwen_vllm.serving.runner import ServiceRunner, configure_logging
 from qwen_vllm.serving.settings import (
     ControllerSettings,
     GatewaySettings,
     ServeSettings,
     WebUISettings,
     WorkerSettings,
-    build_settings,
     subset,
-    to_strings,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,42 +46,59 @@ class ServeError(RuntimeError):
 
 
 class ServiceActor:
-    """Runs one service in a thread of a Ray actor process."""
+    """Runs one service in a thread of a Ray actor process.
 
-    def __init__(self, kind: str, values: dict[str, str], env: dict[str, str]) -> None:
+    The actor never restarts itself: it reports how its service ended
+    (`outcome`) and the driver's Supervisor decides, so every failure reaches
+    the user's terminal with its cause.
+    """
+
+    def __init__(self, kind: str, settings: Any, env: dict[str, str]) -> None:
         os.environ.update(env)
-        if kind == "worker" and not values.get("worker_address"):
-            host = advertised_host(values.get("host", "127.0.0.1"), _node_ip())
-            values = {
-                **values,
-                "worker_address": f"http://{host}:{values['worker_port']}",
-            }
-        settings = build_settings(SERVICES[kind].settings_cls, values)
+        if kind == "worker" and not settings.worker_address:
+            host = advertised_host(settings.host, _node_ip())
+            settings = settings.model_copy(
+                update={"worker_address": f"http://{host}:{settings.worker_port}"}
+            )
         configure_logging(settings.log_level)
         self.kind = kind
         self.runner = ServiceRunner(kind, settings)
         self.stopping = False
+        self.failure: str | None = None
+        self.fatal = False
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=kind, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             self.runner.run()
-        except BaseException:
-            logger.exception("%s crashed", self.kind)
-        if not self.stopping:
-            # A service that ended on its own is broken: let Ray restart us.
-            logger.error("%s stopped unexpectedly; exiting for a restart", self.kind)
-            os._exit(1)
+            if not self.stopping:
+                self.failure = f"{self.kind} stopped unexpectedly"
+        except BaseException as exc:
+            logger.exception("%s failed", self.kind)
+            self.failure = f"{type(exc).__name__}: {exc}"
+            # A refusal explained by our own checks will fail the same way again.
+            self.fatal = isinstance(exc, (InsufficientMemory, FileNotFoundError))
+        finally:
+            self.done.set()
 
     def info(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "node_ip": _node_ip(),
-            "alive": self.thread.is_alive(),
-        }
+        return {"pid": os.getpid(), "node_ip": _node_ip()}
 
-    def shutdown(self, timeout: float = 20.0) -> None:
+    def wait_ready(self) -> bool:
+        """True once the service listens; False if it ended first."""
+        while not self.done.wait(0.2):
+            if self.runner.started:
+                return True
+        return False
+
+    def outcome(self) -> dict[str, Any]:
+        """Blocks until the service ends: why it ended."""
+        self.done.wait()
+        return {"failure": self.failure, "fatal": self.fatal}
+
+    def shutdown(self, timeout: float = 8.0) -> None:
         self.stopping = True
         self.runner.stop()
         self.thread.join(timeout)
@@ -101,15 +118,6 @@ def _node_ip() -> str:
 def advertised_host(bind_host: str, node_ip: str) -> str:
     """Where others reach a service bound to bind_host on a node at node_ip."""
     return node_ip if bind_host in ("0.0.0.0", "::") else bind_host
-
-
-@dataclass
-class Deployment:
-    settings: ServeSettings
-    started_ray: bool = False
-    actors: dict[str, Any] = field(default_factory=dict)
-    placement_groups: list[Any] = field(default_factory=list)
-    controller_url: str = ""
 
 
 def cpu_binding(worker: int, tp: int, cores: int) -> str:
@@ -145,7 +153,197 @@ def planned_ports(settings: ServeSettings) -> dict[str, int]:
     return ports
 
 
-def start(settings: ServeSettings) -> Deployment:
+MAX_FAILED_STARTS = 3
+MAX_BACKOFF_S = 30.0
+# A crash this long after the last restart starts the backoff over.
+STABLE_AFTER_S = 300.0
+SHUTDOWN_S = 8.0
+
+
+@dataclass
+class Service:
+    """One supervised actor: what to start and what happened to it."""
+
+    name: str
+    kind: str
+    settings: Any
+    env: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    actor: Any = None
+    pid: int | None = None
+    node_ip: str = ""
+    ready_ref: Any = None
+    outcome_ref: Any = None
+    ready: bool = False
+    failed_starts: int = 0
+    crashes: int = 0
+    last_start: float = 0.0
+    restart_at: float | None = None
+
+    def log_path(self) -> Path | None:
+        """Ray's stderr file of the actor process (the engine core's too)."""
+        if self.pid is None:
+            return None
+        found = sorted(Path(ray_log_dir()).glob(f"worker-*-{self.pid}.err"))
+        return found[-1] if found else None
+
+
+class Supervisor:
+    """Starts the actors, restarts the ones that fail, explains every failure.
+
+    A service that fails before it ever served is started again up to
+    MAX_FAILED_STARTS times (once, if our own checks refused it); then the
+    deployment stops with the cause. One that fails after serving is
+    restarted with exponential backoff, each time with its cause on the
+    terminal.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.services: dict[str, Service] = {}
+        self.placement_groups: list[Any] = []
+        self.started_ray = False
+        self.controller_url = ""
+
+    def launch(self, service: Service) -> None:
+        import ray
+
+        actor_cls = ray.remote(ServiceActor)
+        service.actor = actor_cls.options(
+            max_restarts=0, max_concurrency=4, **service.options
+        ).remote(service.kind, service.settings, service.env)
+        service.ready_ref = service.actor.wait_ready.remote()
+        service.outcome_ref = service.actor.outcome.remote()
+        service.ready = False
+        service.pid = None
+        service.last_start = time.monotonic()
+        service.restart_at = None
+        self.services[service.name] = service
+
+    def _identify(self, service: Service) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            info = ray.get(service.actor.info.remote(), timeout=10)
+            service.pid, service.node_ip = info["pid"], info["node_ip"]
+
+    def poll(self) -> None:
+        """Take note of services that became ready or ended; restart due ones."""
+        import ray
+
+        now = time.monotonic()
+        for service in self.services.values():
+            if service.restart_at is not None and now >= service.restart_at:
+                self.launch(service)
+        live = [s for s in self.services.values() if s.outcome_ref is not None]
+        for service in live:
+            if service.pid is None:
+                self._identify(service)
+            if service.ready_ref is not None:
+                done, _ = ray.wait([service.ready_ref], timeout=0)
+                if done:
+                    service.ready_ref = None
+                    with contextlib.suppress(Exception):
+                        service.ready = bool(ray.get(done[0]))
+                    if service.ready:
+                        service.failed_starts = 0
+            done, _ = ray.wait([service.outcome_ref], timeout=0)
+            if done:
+                self._ended(service, done[0])
+
+    def _ended(self, service: Service, ref: Any) -> None:
+        import ray
+
+        service.outcome_ref = service.ready_ref = None
+        log = service.log_path()
+        try:
+            outcome = ray.get(ref)
+        except Exception:  # the actor process died (engine crash, OOM kill)
+            outcome = {"failure": None, "fatal": False}
+        text = read_from(log) if log is not None else ""
+        cause = root_cause(text) or outcome["failure"] or "the process died"
+        with contextlib.suppress(Exception):
+            ray.kill(service.actor, no_restart=True)
+        where = f"full log: {log}" if log else f"logs: {ray_log_dir()}"
+        if not service.ready:
+            service.failed_starts += 1
+            attempts = 1 if outcome["fatal"] else MAX_FAILED_STARTS
+            if service.failed_starts >= attempts:
+                raise ServeError(f"{service.name} could not start: {cause}\n{where}")
+            delay = 2.0 ** (service.failed_starts - 1)
+            logger.error(
+                "%s failed to start (attempt %d of %d): %s; trying again in %.0f s",
+                service.name,
+                service.failed_starts,
+                attempts,
+                cause,
+                delay,
+            )
+        else:
+            if time.monotonic() - service.last_start > STABLE_AFTER_S:
+                service.crashes = 0
+            service.crashes += 1
+            delay = min(MAX_BACKOFF_S, 2.0 ** (service.crashes - 1))
+            logger.error(
+                "%s crashed: %s (%s); restarting in %.0f s (restart %d)",
+                service.name,
+                cause,
+                where,
+                delay,
+                service.crashes,
+            )
+        service.restart_at = time.monotonic() + delay
+
+    def all_ready(self) -> bool:
+        return all(s.ready for s in self.services.values())
+
+    def stop(self) -> None:
+        """Ask every actor to stop, kill what does not, then stop Ray."""
+        import ray
+
+        asked = []
+        for service in self.services.values():
+            if service.actor is not None and service.outcome_ref is not None:
+                with contextlib.suppress(Exception):
+                    asked.append(service.actor.shutdown.remote(SHUTDOWN_S - 5))
+        if asked:
+            with contextlib.suppress(Exception):
+                ray.wait(asked, num_returns=len(asked), timeout=SHUTDOWN_S)
+        for service in self.services.values():
+            with contextlib.suppress(Exception):
+                ray.kill(service.actor, no_restart=True)
+        for group in self.placement_groups:
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(group)
+        if self.started_ray:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
+def _quiet_ray_errors() -> None:
+    """Ray prints a paragraph on the driver's terminal for every actor that
+    dies; the Supervisor explains each death in one line instead, so the
+    paragraph goes to the log only."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_qwen_vllm", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool = False) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                logger.debug("ray: %s", line)
+            return
+        original(data, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream._qwen_vllm = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+def start(
+    settings: ServeSettings, supervisor: Supervisor, signals: StopSignals
+) -> None:
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -158,9 +356,10 @@ def start(settings: ServeSettings) -> Deployment:
             "a Qwen v1 checkpoint, or omit --model to serve the demo model"
         )
     tp = settings.tensor_parallel_size
-    deployment = Deployment(settings)
+    _quiet_ray_errors()
     if settings.ray_address is None:
         check_ports_free(settings.host, planned_ports(settings))
+        status("starting Ray on 127.0.0.1 ...", end="\n")
         ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
@@ -169,9 +368,13 @@ def start(settings: ServeSettings) -> Deployment:
             log_to_driver=settings.log_level == "debug",
             configure_logging=False,
         )
-        deployment.started_ray = True
+        supervisor.started_ray = True
+        signals.install()  # Ray's driver set its own SIGTERM handler
+        workers_per_node = settings.num_workers
     else:
         ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False)
+        signals.install()
+        workers_per_node = settings.workers_per_node
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and gpus < settings.num_workers * tp:
@@ -180,117 +383,110 @@ def start(settings: ServeSettings) -> Deployment:
             f"{settings.num_workers * tp} GPUs; the Ray cluster has {gpus}"
         )
 
-    actor_cls = ray.remote(ServiceActor)
-    supervised = {"max_restarts": -1, "max_concurrency": 4}
-
-    def launch(name: str, kind: str, values: dict[str, str], env=None, **options):
-        actor = actor_cls.options(name=name, **supervised, **options).remote(
-            kind, values, env or {}
-        )
-        deployment.actors[name] = actor
-        return actor
-
-    controller = launch(
+    controller = Service(
         "controller",
         "controller",
-        to_strings(subset(settings, ControllerSettings)),
-        num_cpus=0,
+        subset(settings, ControllerSettings),
+        options={"num_cpus": 0},
     )
-    controller_ip = ray.get(controller.info.remote(), timeout=120)["node_ip"]
-    deployment.controller_url = settings.controller_address or (
-        f"http://{advertised_host(settings.host, controller_ip)}:"
+    supervisor.launch(controller)
+    supervisor._identify(controller)
+    if controller.pid is None:
+        raise ServeError(f"the controller actor did not start; logs: {ray_log_dir()}")
+    supervisor.controller_url = settings.controller_address or (
+        f"http://{advertised_host(settings.host, controller.node_ip)}:"
         f"{settings.controller_port}"
     )
-    shared = {"controller_address": deployment.controller_url}
+    shared = {"controller_address": supervisor.controller_url}
 
     cores = os.cpu_count() or 1
     for i in range(settings.num_workers):
         bundle = {"GPU": tp, "CPU": 1} if gpus else {"CPU": tp}
         group = placement_group([bundle], strategy="STRICT_PACK")
-        deployment.placement_groups.append(group)
+        supervisor.placement_groups.append(group)
         env = {} if gpus else {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(i, tp, cores)}
-        values = to_strings(subset(settings, WorkerSettings, **shared))
-        values["worker_port"] = str(settings.worker_port + i)
-        launch(
-            f"worker-{i}",
-            "worker",
-            values,
-            env,
-            num_cpus=bundle["CPU"],
-            num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group),
+        worker_settings = subset(
+            settings,
+            WorkerSettings,
+            **shared,
+            worker_port=settings.worker_port + i,
+            workers_per_node=workers_per_node,
         )
-    launch(
-        "gateway",
-        "gateway",
-        to_strings(subset(settings, GatewaySettings, **shared)),
-        num_cpus=0,
+        supervisor.launch(
+            Service(
+                f"worker-{i}",
+                "worker",
+                worker_settings,
+                env,
+                options={
+                    "num_cpus": bundle["CPU"],
+                    "num_gpus": bundle.get("GPU", 0),
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(group),
+                },
+            )
+        )
+    supervisor.launch(
+        Service(
+            "gateway",
+            "gateway",
+            subset(settings, GatewaySettings, **shared),
+            options={"num_cpus": 0},
+        )
     )
     if settings.webui:
-        launch(
-            "webui",
-            "webui",
-            to_strings(subset(settings, WebUISettings, **shared)),
-            num_cpus=0,
+        supervisor.launch(
+            Service(
+                "webui",
+                "webui",
+                subset(settings, WebUISettings, **shared),
+                options={"num_cpus": 0},
+            )
         )
-    return deployment
 
 
-def healthy_workers(deployment: Deployment, client: httpx.Client) -> int:
+def healthy_workers(supervisor: Supervisor, client: httpx.Client) -> int:
+    settings = supervisor.settings
     headers = {}
-    if deployment.settings.internal_token is not None:
-        headers[INTERNAL_TOKEN_HEADER] = (
-            deployment.settings.internal_token.get_secret_value()
-        )
+    if settings.internal_token is not None:
+        headers[INTERNAL_TOKEN_HEADER] = settings.internal_token.get_secret_value()
     try:
-        reply = client.get(f"{deployment.controller_url}/workers", headers=headers)
+        reply = client.get(f"{supervisor.controller_url}/workers", headers=headers)
         reply.raise_for_status()
     except httpx.HTTPError:
         return 0
-    model = deployment.settings.served_model_name()
+    model = settings.served_model_name()
     workers = reply.json().get("workers", [])
     return sum(1 for w in workers if w.get("healthy") and model in w.get("models", []))
 
 
 def wait_until_ready(
-    deployment: Deployment, timeout: float = STARTUP_TIMEOUT_S
-) -> None:
-    """Wait for every worker, with a live status line."""
-    import ray
-
-    settings = deployment.settings
+    supervisor: Supervisor,
+    stop_requested: threading.Event,
+    timeout: float = STARTUP_TIMEOUT_S,
+) -> bool:
+    """Wait for every worker, with a live status line; False if asked to stop."""
+    settings = supervisor.settings
     started = time.monotonic()
     with httpx.Client(timeout=2.0) as client:
-        while True:
-            ready = healthy_workers(deployment, client)
+        while not stop_requested.is_set():
+            supervisor.poll()
+            ready = healthy_workers(supervisor, client)
             elapsed = time.monotonic() - started
             status(
                 f"starting: {ready}/{settings.num_workers} worker(s) ready "
                 f"({elapsed:.0f} s; loading the model takes a while the first time)"
             )
-            if ready >= settings.num_workers:
-                break
+            if ready >= settings.num_workers and supervisor.all_ready():
+                status("", end="\n")
+                return True
             if elapsed > timeout:
                 raise ServeError(
                     f"workers not ready after {timeout:.0f} s; see the worker logs "
                     f"under {ray_log_dir()}"
                 )
-            dead = [
-                name
-                for name, actor in deployment.actors.items()
-                if not _alive(ray, actor)
-            ]
-            if dead:
-                logger.debug("restarting: %s", ", ".join(dead))
-            time.sleep(1.0)
+            stop_requested.wait(1.0)
     status("", end="\n")
-
-
-def _alive(ray, actor) -> bool:
-    try:
-        return ray.get(actor.info.remote(), timeout=5)["alive"]
-    except Exception:
-        return False
+    return False
 
 
 def ray_log_dir() -> str:
@@ -300,7 +496,7 @@ def ray_log_dir() -> str:
         return os.path.join(
             ray._private.worker._global_node.get_session_dir_path(), "logs"
         )
-    return "the Ray session directory (/tmp/ray/session_latest/logs)"
+    return "/tmp/ray/session_latest/logs"
 
 
 def status(text: str, end: str = "") -> None:
@@ -309,22 +505,6 @@ def status(text: str, end: str = "") -> None:
     elif text:
         sys.stderr.write(text + "\n")
     sys.stderr.flush()
-
-
-def stop(deployment: Deployment) -> None:
-    import ray
-
-    for name, actor in reversed(list(deployment.actors.items())):
-        with contextlib.suppress(Exception):
-            ray.get(actor.shutdown.remote(), timeout=30)
-        with contextlib.suppress(Exception):
-            ray.kill(actor, no_restart=True)
-        logger.debug("stopped %s", name)
-    for group in deployment.placement_groups:
-        with contextlib.suppress(Exception):
-            ray.util.remove_placement_group(group)
-    if deployment.started_ray:
-        ray.shutdown()
 
 
 def endpoints(settings: ServeSettings, host: str = "127.0.0.1") -> list[str]:
@@ -342,26 +522,22 @@ def endpoints(settings: ServeSettings, host: str = "127.0.0.1") -> list[str]:
 
 
 def run_serve(settings: ServeSettings) -> None:
-    """Start everything, wait until Ctrl-C or SIGTERM, then stop everything."""
-    stop_event = threading.Event()
+    """Start everything, serve until Ctrl-C or SIGTERM, then stop everything.
 
-    def on_signal(signum, frame) -> None:
-        stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    deployment: Deployment | None = None
-    try:
-        deployment = start(settings)
-        wait_until_ready(deployment)
-        for line in endpoints(settings):
-            print(line, flush=True)
-        print("serving; press Ctrl-C to stop", flush=True)
-        while not stop_event.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        status("stopping...", end="\n")
-        if deployment is not None:
-            stop(deployment)
-        status("stopped", end="\n")
+    A second Ctrl-C kills at once; `qwen-vllm` then ends whatever is left.
+    """
+    signals = StopSignals()
+    supervisor = Supervisor(settings)
+    with signals.installed():
+        try:
+            start(settings, supervisor, signals)
+            if wait_until_ready(supervisor, signals.requested):
+                for line in endpoints(settings):
+                    print(line, flush=True)
+                print("serving; press Ctrl-C to stop", flush=True)
+                while not signals.requested.wait(0.5):
+                    supervisor.poll()
+        finally:
+            status("stopping...", end="\n")
+            supervisor.stop()
+            status("stopped", end="\n")

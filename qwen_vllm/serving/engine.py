@@ -14,6 +14,8 @@ from qwen_vllm.serving.protocol import (
     ErrorCode,
     GenerateChunk,
     GenerateParams,
+    Logprobs,
+    TokenCandidate,
     Usage,
     error_chunk,
 )
@@ -66,7 +68,49 @@ def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
     if settings.max_num_seqs is not None:
         args["max_num_seqs"] = settings.max_num_seqs
     args.update(settings.engine_args)
+    kv_cache = kv_cache_memory_bytes(settings, model_dir, args)
+    if kv_cache is not None:
+        args["kv_cache_memory_bytes"] = kv_cache
     return args
+
+
+def kv_cache_memory_bytes(
+    settings: WorkerSettings, model_dir: Path, args: dict[str, Any]
+) -> int | None:
+    """vLLM's per-rank KV cache size for this worker (None: vLLM sizes it).
+
+    On CPU the cache is sized from this worker's share of the machine and
+    refused, with the numbers, when the model does not fit; on GPU vLLM's
+    profiling measures free device memory itself.
+    """
+    from vllm.platforms import current_platform
+
+    from qwen_vllm import memory
+    from qwen_vllm.config import QWenConfig
+
+    tp = settings.tensor_parallel_size
+    requested = args.get("kv_cache_memory_bytes")
+    if requested is None and settings.kv_cache_memory is not None:
+        requested = int(settings.kv_cache_memory * memory.GiB) // tp
+    if not current_platform.is_cpu():
+        return requested
+    config = QWenConfig.from_pretrained(model_dir)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    model = memory.footprint(
+        config,
+        model_dir,
+        dtype=str(stored) if args["dtype"] == "auto" else args["dtype"],
+        kv_cache_dtype=args["kv_cache_dtype"],
+        max_model_len=args.get("max_model_len") or config.max_context_length,
+        # vLLM's largest CPU default; only caps the cache from above.
+        max_num_seqs=args.get("max_num_seqs") or 256 * tp,
+        ranks=tp,
+    )
+    return memory.cpu_kv_cache_bytes_per_rank(
+        model,
+        share=settings.workers_per_node,
+        requested_bytes=None if requested is None else requested * tp,
+    )
 
 
 class VllmEngine:
@@ -160,6 +204,7 @@ class VllmEngine:
                 stop_token_ids=stop_ids,
                 seed=params.seed,
                 logprobs=params.logprobs,
+                prompt_logprobs=params.logprobs if _echoes(params) else None,
                 skip_special_tokens=True,
             )
         except (ValueError, VLLMValidationError) as exc:
@@ -173,7 +218,11 @@ class VllmEngine:
             yield error_chunk(exc.code, str(exc))
             return
         request_id = params.request_id or uuid.uuid4().hex
-        prefix = params.prompt if params.echo and params.prompt else ""
+        echo = _echoes(params)
+        prefix = (params.prompt or "") if echo else ""
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = _LogprobsBuilder(self.tokenizer, echo)
         finished = False
         self._in_flight += 1
         stream = self.llm.generate(
@@ -191,9 +240,7 @@ class VllmEngine:
                         total_tokens=len(prompt_ids) + len(completion.token_ids),
                     ),
                     finish_reason=completion.finish_reason if finished else None,
-                    logprobs=_logprobs(completion)
-                    if params.logprobs is not None
-                    else None,
+                    logprobs=None if logprobs is None else logprobs.update(output),
                 )
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -207,28 +254,96 @@ class VllmEngine:
                 await self.llm.abort(request_id)
 
 
-def _logprobs(completion: Any) -> dict[str, Any]:
-    """Completion-style logprobs (FastChat's shape) of the tokens so far."""
-    tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
-    text_offset: list[int] = []
-    offset = 0
-    for token_id, candidates in zip(
-        completion.token_ids, completion.logprobs or [], strict=False
-    ):
-        chosen = candidates[token_id]
-        text = chosen.decoded_token or ""
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob)
-        top_logprobs.append(
-            {(c.decoded_token or ""): c.logprob for c in candidates.values()}
+def _echoes(params: GenerateParams) -> bool:
+    """Whether the output repeats the prompt (FastChat's echo: prompts only)."""
+    return params.echo and params.messages is None and bool(params.prompt)
+
+
+# What OpenAI and vLLM report for a logprob of -inf (not valid JSON).
+_MIN_LOGPROB = -9999.0
+
+
+class _LogprobsBuilder:
+    """The logprobs of one generation's chunks, each position converted once.
+
+    vLLM's outputs are cumulative; with echo the prompt's logprobs come
+    whole once its prefill is done, the first position without any.
+    """
+
+    def __init__(self, tokenizer: Any, echo: bool) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_pending = echo
+        self.prompt_len = 0
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.token_bytes: list[list[int]] = []
+        self.candidates: list[list[TokenCandidate] | None] = []
+
+    def update(self, output: Any) -> Logprobs:
+        prompt = output.prompt_logprobs if self.prompt_pending else None
+        if prompt and len(prompt) == len(output.prompt_token_ids):
+            self._extend(output.prompt_token_ids, prompt)
+            self.prompt_pending = False
+            self.prompt_len = len(self.tokens)
+        completion = output.outputs[0]
+        if not self.prompt_pending:
+            done = len(self.tokens) - self.prompt_len
+            ready = min(len(completion.token_ids), len(completion.logprobs or ()))
+            if ready > done:
+                self._extend(
+                    completion.token_ids[done:ready], completion.logprobs[done:ready]
+                )
+        # Validation copies the lists: a chunk never changes once yielded.
+        return Logprobs(
+            tokens=self.tokens,
+            token_logprobs=self.token_logprobs,
+            top_logprobs=self.top_logprobs,
+            text_offset=self.text_offset,
+            token_bytes=self.token_bytes,
+            candidates=self.candidates,
         )
-        text_offset.append(offset)
-        offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": text_offset,
-    }
+
+    def _extend(self, token_ids: Any, positions: Any) -> None:
+        token_ids = list(token_ids)
+        ranked = [
+            None if top is None else sorted(top.items(), key=_by_rank)
+            for top in positions
+        ]
+        ids = token_ids + [i for top in ranked if top for i, _ in top]
+        raw = iter(self.tokenizer.decode_tokens_bytes(ids))
+        chosen_bytes = [list(next(raw)) for _ in token_ids]
+        for token_id, token_bytes, top in zip(
+            token_ids, chosen_bytes, ranked, strict=True
+        ):
+            last = self.text_offset[-1] + len(self.tokens[-1]) if self.tokens else 0
+            self.text_offset.append(last)
+            self.token_bytes.append(token_bytes)
+            if top is None:  # the prompt's first token: nothing predicts it
+                self.tokens.append(self.tokenizer.decode([token_id]))
+                self.token_logprobs.append(None)
+                self.top_logprobs.append(None)
+                self.candidates.append(None)
+                continue
+            candidates = [
+                TokenCandidate(
+                    token=c.decoded_token or "",
+                    logprob=max(c.logprob, _MIN_LOGPROB),
+                    bytes=list(next(raw)),
+                )
+                for _, c in top
+            ]
+            by_text: dict[str, float] = {}
+            for c in candidates:  # best first: a shared text keeps the best
+                by_text.setdefault(c.token, c.logprob)
+            chosen = dict(top)[token_id]
+            self.tokens.append(chosen.decoded_token or "")
+            self.token_logprobs.append(max(chosen.logprob, _MIN_LOGPROB))
+            self.top_logprobs.append(by_text)
+            self.candidates.append(candidates)
+
+
+def _by_rank(item: tuple[int, Any]) -> tuple[bool, int]:
+    rank = item[1].rank
+    return rank is None, rank or 0

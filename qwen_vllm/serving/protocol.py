@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -133,6 +133,42 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class TokenCandidate(BaseModel):
+    token: str  # decoded text; "" for a piece of a UTF-8 character
+    logprob: float
+    bytes: list[int]  # the token's raw bytes
+
+
+class Logprobs(_Message):
+    """Logprobs of the tokens of `text`, in FastChat's completion-style shape.
+
+    Position i is the token tokens[i] (its decoded text) with its logprob
+    token_logprobs[i], the candidates for that position by text in
+    top_logprobs[i] (the requested number, GenerateParams.logprobs, and may
+    include the token itself) and where it starts in `text` in text_offset[i].
+    With echo (a `prompt`, not `messages`) the prompt's tokens come first, as
+    FastChat's own workers list them: the first one has no context, so its
+    logprob and top_logprobs are None.
+
+    Extensions, which FastChat's clients ignore:
+    - `offset`: the position of the first listed token. Like `text`, the
+      lists may cover everything so far (offset 0 every time) or, to save
+      bandwidth, only the tokens since the previous chunk.
+    - `token_bytes[i]`: the raw bytes of tokens[i].
+    - `candidates[i]`: top_logprobs[i] as a list, best first, with raw bytes:
+      distinct tokens with the same text (pieces of UTF-8 characters all
+      decode to "") share one key in top_logprobs but are all here.
+    """
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+    offset: int = 0
+    token_bytes: list[list[int]] | None = None
+    candidates: list[list[TokenCandidate] | None] | None = None
+
+
 class GenerateChunk(_Message):
     """One streamed state: `text` is the whole output so far (FastChat style)."""
 
@@ -140,8 +176,7 @@ class GenerateChunk(_Message):
     error_code: int = 0
     usage: Usage = Field(default_factory=Usage)
     finish_reason: FinishReason | None = None
-    # Extensions: the stop reason in detail and OpenAI-style logprobs.
-    logprobs: dict[str, Any] | None = None
+    logprobs: Logprobs | None = None
 
     def encode(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode() + STREAM_DELIMITER

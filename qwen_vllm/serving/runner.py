@@ -77,6 +77,9 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if level != "debug":
+        # One line per HTTP call between our own services is noise.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def freeze_startup_heap() -> None:
@@ -95,6 +98,11 @@ class ServiceRunner:
         self.settings = settings
         self.server: uvicorn.Server | None = None
         self._stop_requested = False
+
+    @property
+    def started(self) -> bool:
+        """True once the server listens."""
+        return self.server is not None and self.server.started
 
     @property
     def port(self) -> int:

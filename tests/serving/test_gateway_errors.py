@@ -24,6 +24,7 @@ from tests.serving.test_gateway import (
     MODEL,
     WEATHER_TOOL,
     FakeBackend,
+    ManualClock,
     Reply,
     http_client,
     make_settings,
@@ -388,22 +389,32 @@ async def test_rate_limit_per_key(backend: FakeBackend) -> None:
     settings = make_settings(
         api_keys=[KEY, "sk-other"], burst_per_key=3, requests_per_second_per_key=0.01
     )
-    app = create_app(settings, backend)
+    # The limiter's clock stands still unless moved: nothing depends on how
+    # fast the requests are served.
+    clock = ManualClock()
+    app = create_app(settings, backend, clock=clock)
     async with http_client(app) as client, http_client(app, "sk-other") as other:
         statuses = [(await client.get("/v1/models")).status_code for _ in range(5)]
         assert statuses == [200, 200, 200, 429, 429]
         limited = await client.get("/v1/models")
         error = assert_error(limited, 429, "rate_limit_error")
         assert error["code"] == "rate_limit_exceeded"
-        assert int(limited.headers["retry-after"]) >= 90
+        # An empty bucket at 0.01 requests/s: a token in 100 s.
+        assert limited.headers["retry-after"] == "100"
         # Another key has its own bucket; the unlimited paths stay open.
         assert (await other.get("/v1/models")).status_code == 200
         assert (await client.get("/health")).status_code == 200
+        clock.advance(99.5)
+        assert (await client.get("/v1/models")).status_code == 429
+        clock.advance(0.5)
+        assert (await client.get("/v1/models")).status_code == 200
 
 
 async def test_anonymous_clients_share_one_bucket(backend: FakeBackend) -> None:
     app = create_app(
-        make_settings(burst_per_key=2, requests_per_second_per_key=0.01), backend
+        make_settings(burst_per_key=2, requests_per_second_per_key=0.01),
+        backend,
+        clock=ManualClock(),
     )
     async with http_client(app, None) as a, http_client(app, None) as b:
         assert (await a.get("/v1/models")).status_code == 200

@@ -28,6 +28,7 @@ from tests.serving.webui_fakes import (
 )
 from tests.serving.webui_page import (
     CHROMIUM,
+    CHROMIUM_MISSING,
     ChatPage,
     chromium_context,
     keep_on_loopback,
@@ -37,7 +38,7 @@ from tests.serving.webui_page import (
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=CHROMIUM_MISSING),
     pytest.mark.timeout(300),
 ]
 

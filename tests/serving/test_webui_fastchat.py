@@ -24,6 +24,7 @@ from tests.serving.fastchat_webui import (
 )
 from tests.serving.webui_page import (
     CHROMIUM,
+    CHROMIUM_MISSING,
     FastChatPage,
     chromium_context,
     keep_on_loopback,
@@ -32,7 +33,7 @@ from tests.serving.webui_page import (
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=CHROMIUM_MISSING),
     pytest.mark.timeout(1800),
 ]
 

@@ -227,11 +227,22 @@ def test_registers_heartbeats_and_unregisters_with_the_real_controller():
 
 
 class FakeTokenizer:
+    """One token per character, its id the code point; `raw` ids are bytes."""
+
+    def __init__(self, raw: dict[int, bytes] | None = None) -> None:
+        self.raw = raw or {}
+
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
 
     def encode_plain(self, text):
         return [ord(c) for c in text]
+
+    def decode_tokens_bytes(self, ids):
+        return [self.raw.get(i) or chr(i).encode() for i in ids]
+
+    def decode(self, ids):
+        return b"".join(self.decode_tokens_bytes(ids)).decode(errors="replace")
 
 
 class FakeLLM:
@@ -294,3 +305,109 @@ async def test_adapter_reports_context_errors_as_fastchat_error_codes():
     bad = GenerateParams(prompt="y", temperature=-1.0)
     (chunk,) = [c async for c in engine.generate(bad)]
     assert chunk.error_code == 40302 and "temperature" in chunk.text
+
+
+class ScriptedLLM(FakeLLM):
+    """Yields the given request outputs, then stops."""
+
+    def __init__(self, outputs, tokenizer):
+        super().__init__()
+        self.outputs = outputs
+        self.tokenizer = tokenizer
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    async def generate(self, prompt, sampling, request_id):
+        self.requests.append((prompt, sampling))
+        for output in self.outputs:
+            yield output
+
+
+def position(*candidates):
+    """vLLM's logprobs of one position: {id: Logprob}, ranked as listed."""
+    from vllm.logprobs import Logprob
+
+    return {
+        token_id: Logprob(logprob, rank, text)
+        for rank, (token_id, text, logprob) in enumerate(candidates, start=1)
+    }
+
+
+async def test_adapter_echoes_prompt_logprobs_and_keeps_every_candidate():
+    # The prompt "hi", then "é" as its two UTF-8 bytes: the first (id 1000)
+    # decodes to "" like the runner-up (id 1001, the first byte of "€").
+    tokenizer = FakeTokenizer({1000: b"\xc3", 1001: b"\xe2", 1002: b"\xa9"})
+    first_byte = position((1000, "", -0.1), (1001, "", -2.5))
+    prompt = [None, position((ord("i"), "i", -1.0), (ord("!"), "!", -2.0))]
+    outputs = [
+        SimpleNamespace(
+            prompt_token_ids=[ord("h"), ord("i")],
+            prompt_logprobs=prompt,
+            outputs=[
+                SimpleNamespace(
+                    text=text,
+                    token_ids=ids,
+                    logprobs=logprobs,
+                    finish_reason="stop" if last else None,
+                )
+            ],
+            finished=last,
+        )
+        for text, ids, logprobs, last in [
+            ("", [1000], [first_byte], False),
+            ("é", [1000, 1002], [first_byte, position((1002, "é", -0.05))], True),
+        ]
+    ]
+    llm = ScriptedLLM(outputs, tokenizer)
+    params = GenerateParams(prompt="hi", echo=True, logprobs=1)
+    first, last = [chunk async for chunk in VllmEngine(llm).generate(params)]
+    _, sampling = llm.requests[0]
+    assert (sampling.logprobs, sampling.prompt_logprobs) == (1, 1)
+    assert last.text == "hié"
+    logprobs = last.logprobs
+    assert logprobs.tokens == ["h", "i", "", "é"]
+    assert logprobs.token_logprobs == [None, -1.0, -0.1, -0.05]
+    assert logprobs.text_offset == [0, 1, 2, 2]
+    # FastChat's shape, for its clients: one key per text.
+    assert logprobs.top_logprobs == [
+        None,
+        {"i": -1.0, "!": -2.0},
+        {"": -0.1},
+        {"é": -0.05},
+    ]
+    assert logprobs.token_bytes == [[ord("h")], [ord("i")], [0xC3], [0xA9]]
+    assert [
+        [(c.token, c.logprob, bytes(c.bytes)) for c in top or []]
+        for top in logprobs.candidates
+    ] == [
+        [],
+        [("i", -1.0, b"i"), ("!", -2.0, b"!")],
+        [("", -0.1, b"\xc3"), ("", -2.5, b"\xe2")],
+        [("é", -0.05, b"\xa9")],
+    ]
+    assert logprobs.candidates[0] is None
+    assert first.logprobs.tokens == ["h", "i", ""]  # not changed by later ones
+    # FastChat's API server reads the chunk's logprobs as its LogProbs model.
+    from fastchat.protocol.openai_api_protocol import LogProbs
+
+    sent = json.loads(last.encode().rstrip(b"\0"))["logprobs"]
+    fastchat = LogProbs(**sent)
+    assert fastchat.tokens == logprobs.tokens
+    assert fastchat.top_logprobs == logprobs.top_logprobs
+
+
+async def test_adapter_without_echo_asks_for_no_prompt_logprobs():
+    llm = FakeLLM()
+    engine = VllmEngine(llm)
+    for params in (
+        GenerateParams(prompt="hi", logprobs=2),
+        GenerateParams(prompt="hi", echo=True),
+        GenerateParams(messages=[{"role": "user", "content": "hi"}], echo=True),
+    ):
+        stream = engine.generate(params)
+        chunk = await anext(stream)
+        await stream.aclose()
+        _, sampling = llm.requests[-1]
+        assert sampling.prompt_logprobs is None
+        assert chunk.text == ("hix" if params.echo and params.prompt else "x")

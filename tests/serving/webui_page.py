@@ -25,6 +25,12 @@ from urllib.parse import urlsplit
 from playwright.sync_api import BrowserContext, Page, Route, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
+# The skip reason where it is missing: the exact install command, which
+# `bash install.sh --dev` runs as root.
+CHROMIUM_MISSING = (
+    "needs Debian's chromium: apt-get install -y chromium fonts-wqy-microhei "
+    "(as root; `bash install.sh --dev` runs it)"
+)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

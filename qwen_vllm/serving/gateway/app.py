@@ -8,7 +8,8 @@ fake Backend instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -70,7 +71,13 @@ class Gateway:
     metrics: GatewayMetrics
 
 
-def create_app(settings: GatewaySettings, backend: Backend | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings,
+    backend: Backend | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """The gateway app; `clock` drives the per-key rate limits (tests set it)."""
     metrics = GatewayMetrics()
 
     def gateway_for(used: Backend) -> Gateway:
@@ -115,6 +122,7 @@ def create_app(settings: GatewaySettings, backend: Backend | None = None) -> Fas
             settings.requests_per_second_per_key,
             settings.burst_per_key,
             settings.max_concurrent_per_key,
+            clock=clock,
         ),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)

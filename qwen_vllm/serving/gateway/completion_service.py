@@ -1,7 +1,9 @@
 """/v1/completions: raw prompts (one or a batch) to worker params and back.
 
-Choice k*n + j is the j-th sample of prompt k, as OpenAI numbers them. Echo
-is done here (the prompt is put in front of the output), not by the worker.
+Choice k*n + j is the j-th sample of prompt k, as OpenAI numbers them. The
+worker echoes (FastChat's `echo`): the prompt's text in front of the output
+and, with logprobs, the prompt's tokens in front of the output's, as OpenAI
+lists them.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class CompletionService(StreamingService):
             request.max_tokens, await context_length(self.backend, request.model)
         )
         fields = sampling_fields(request, request.max_tokens)
+        # Always sent: FastChat's workers echo unless told not to.
+        fields["echo"] = request.echo
         if request.stop:
             fields["stop"] = request.stop_list()
         if request.logprobs is not None:
@@ -76,18 +80,16 @@ class CompletionService(StreamingService):
         for index, chunk in enumerate(chunks):
             if worker_failed(chunk):
                 raise failure(chunk, PROMPT_PARAM)
-            prompt = plan.prompts[plan.prompt_of(index)]
             usage.record(index, plan.prompt_of(index), chunk)
-            echo = prompt if request.echo else ""
             logprobs = None
             if request.logprobs is not None:
                 logprobs = completion_logprobs(
-                    parse_logprobs(chunk.logprobs), request.logprobs, len(echo)
+                    parse_logprobs(chunk.logprobs), request.logprobs, 0
                 )
             choices.append(
                 CompletionChoice(
                     index=index,
-                    text=echo + chunk.text,
+                    text=chunk.text,
                     logprobs=logprobs,
                     finish_reason=finish_reason(chunk),
                 )
@@ -105,7 +107,7 @@ class CompletionService(StreamingService):
 
 
 class _CompletionStream(StreamState):
-    """A streamed completion: text pieces, after the echoed prompt if asked."""
+    """A streamed completion: text pieces, the echoed prompt in the first."""
 
     object_name = "text_completion"
     prompt_param = PROMPT_PARAM
@@ -125,16 +127,6 @@ class _CompletionStream(StreamState):
         return self.event(
             index, {"text": text, "logprobs": logprobs, "finish_reason": finish}
         )
-
-    def opening(self) -> list[str]:
-        if not self.request.echo:
-            return []
-        events = []
-        for index in range(len(self.finished)):
-            prompt = self.plan.prompts[self.plan.prompt_of(index)]
-            self.text_offsets[index] = len(prompt)
-            events.append(self.piece(index, prompt))
-        return events
 
     def progress(self, index: int, chunk: GenerateChunk) -> list[str]:
         tracker = self.trackers[index]

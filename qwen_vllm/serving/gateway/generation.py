@@ -1,21 +1,9 @@
 """Running worker generations for one API request: n choices, streams, limits.
 
-Worker chunks carry an optional `logprobs` extension describing the generated
-tokens (FastChat's completion-style shape)::
-
-    {
-      "tokens": ["Hello", ","],             # decoded text of each token
-      "token_logprobs": [-0.1, -2.3],       # logprob of each sampled token
-      "top_logprobs": [{"Hello": -0.1, "Hi": -2.5}, {",": -2.3, "!": -0.2}],
-      "offset": 0                           # optional, default 0
-    }
-
-`offset` is the position in the output of the first listed token. Like
-`text`, the lists may cover the whole output so far (offset 0 every time),
-or, to save bandwidth, only the tokens since the previous chunk (offset =
-tokens sent before). `top_logprobs` entries hold the requested number of
-alternatives (GenerateParams.logprobs; 0: the sampled token only) and may
-include the sampled token. `text_offset`, if present, is ignored.
+Worker chunks may carry logprobs (protocol.Logprobs). Like `text`, their
+lists may cover the whole output so far or only the tokens since the
+previous chunk; with echo they start with the prompt's tokens. Workers that
+send no `candidates` (FastChat's) get each candidate's bytes from its text.
 """
 
 from __future__ import annotations
@@ -41,7 +29,12 @@ from qwen_vllm.serving.gateway.errors import (
 )
 from qwen_vllm.serving.gateway.metrics import GatewayMetrics
 from qwen_vllm.serving.gateway.openai_models import SamplingRequest, Usage
-from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
+from qwen_vllm.serving.protocol import (
+    GenerateChunk,
+    GenerateParams,
+    Logprobs,
+    TokenCandidate,
+)
 from qwen_vllm.serving.settings import GatewaySettings
 from qwen_vllm.vocab import STOP_TOKEN_IDS
 
@@ -58,8 +51,9 @@ def sse_event(data: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]  # best first
+    logprob: float | None  # None: the prompt's first token
+    bytes: list[int]
+    top: tuple[TokenCandidate, ...]  # best first
 
 
 def sampling_fields(request: SamplingRequest, max_tokens: int | None) -> dict[str, Any]:
@@ -171,7 +165,7 @@ class TextTracker:
 
     def new_logprobs(self, chunk: GenerateChunk) -> list[TokenLogprob]:
         entries = parse_logprobs(chunk.logprobs)
-        offset = (chunk.logprobs or {}).get("offset", 0)
+        offset = chunk.logprobs.offset if chunk.logprobs else 0
         fresh = [
             entry
             for position, entry in enumerate(entries, start=offset)
@@ -181,25 +175,35 @@ class TextTracker:
         return fresh
 
 
-def parse_logprobs(raw: dict[str, Any] | None) -> list[TokenLogprob]:
-    if not raw:
+def parse_logprobs(raw: Logprobs | None) -> list[TokenLogprob]:
+    if raw is None:
         return []
-    tokens = raw.get("tokens") or []
-    chosen = raw.get("token_logprobs") or []
-    tops = raw.get("top_logprobs") or []
     entries = []
-    for index, token in enumerate(tokens):
-        logprob = chosen[index] if index < len(chosen) else None
-        top = tops[index] if index < len(tops) and tops[index] else {}
-        alternatives = sorted(top.items(), key=lambda item: -item[1])
+    for index, token in enumerate(raw.tokens):
         entries.append(
             TokenLogprob(
-                str(token),
-                float(logprob) if logprob is not None else float("-inf"),
-                tuple(alternatives),
+                token,
+                _at(raw.token_logprobs, index),
+                _at(raw.token_bytes, index) or list(token.encode()),
+                tuple(_candidates(raw, index)),
             )
         )
     return entries
+
+
+def _at(values: list[Any] | None, index: int) -> Any:
+    return values[index] if values is not None and index < len(values) else None
+
+
+def _candidates(raw: Logprobs, index: int) -> list[TokenCandidate]:
+    listed = _at(raw.candidates, index)
+    if listed is not None:
+        return listed
+    by_text = _at(raw.top_logprobs, index) or {}
+    return [
+        TokenCandidate(token=text, logprob=logprob, bytes=list(text.encode()))
+        for text, logprob in sorted(by_text.items(), key=lambda item: -item[1])
+    ]
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], top: int) -> dict[str, Any]:
@@ -208,11 +212,8 @@ def chat_logprobs(entries: Sequence[TokenLogprob], top: int) -> dict[str, Any]:
             {
                 "token": e.token,
                 "logprob": e.logprob,
-                "bytes": list(e.token.encode()),
-                "top_logprobs": [
-                    {"token": t, "logprob": lp, "bytes": list(t.encode())}
-                    for t, lp in e.top[:top]
-                ],
+                "bytes": e.bytes,
+                "top_logprobs": [c.model_dump() for c in e.top[:top]],
             }
             for e in entries
         ]
@@ -229,9 +230,20 @@ def completion_logprobs(
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [dict(e.top[:top]) if top else None for e in entries],
+        "top_logprobs": [_top_by_text(e, top) for e in entries],
         "text_offset": offsets,
     }
+
+
+def _top_by_text(entry: TokenLogprob, top: int) -> dict[str, float] | None:
+    """The `top` best candidates and, as OpenAI adds it, the token itself."""
+    if not top or entry.logprob is None:
+        return None
+    by_text: dict[str, float] = {}
+    for candidate in entry.top[:top]:  # a text shared by several keeps the best
+        by_text.setdefault(candidate.token, candidate.logprob)
+    by_text.setdefault(entry.token, entry.logprob)
+    return by_text
 
 
 def finish_reason(chunk: GenerateChunk) -> str:
