@@ -425,20 +425,15 @@ def start(
                 },
             )
         )
-    supervisor.launch(
-        Service(
-            "gateway",
-            "gateway",
-            subset(settings, GatewaySettings, **shared),
-            options={"num_cpus": 0},
-        )
-    )
+    front_ends: list[tuple[str, type]] = [("gateway", GatewaySettings)]
     if settings.webui:
+        front_ends.append(("webui", WebUISettings))
+    for kind, settings_cls in front_ends:
         supervisor.launch(
             Service(
-                "webui",
-                "webui",
-                subset(settings, WebUISettings, **shared),
+                kind,
+                kind,
+                subset(settings, settings_cls, **shared),
                 options={"num_cpus": 0},
             )
         )

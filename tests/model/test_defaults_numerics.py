@@ -39,6 +39,7 @@ import json
 
 import pytest
 
+from tests.model.greedy import Generation, greedy
 from tests.reference_qwen import ReferenceQwenV1, read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -53,16 +54,6 @@ TEXTS = [
     "通义千问是阿里云研发的大语言模型。请介绍一下你自己，并写一首关于秋天的短诗。",
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,
 ]
-# The engine's own checks need none of vLLM's sizing of the machine's memory.
-KV_CACHE_BYTES = 64 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    prompt: list[int]
-    tokens: list[int]
-    logprobs: list[float]  # of the chosen tokens
-    prompt_logprobs: list[float]  # of prompt[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,44 +75,12 @@ class Deviation:
 
 @pytest.fixture(scope="module")
 def engine(demo_dir) -> Engine:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    llm = LLM(model=str(demo_dir), kv_cache_memory_bytes=KV_CACHE_BYTES)
-    try:
-        config = llm.llm_engine.vllm_config
-        tokenizer = llm.get_tokenizer()
-        prompts = [tokenizer.encode(text) for text in TEXTS]
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=STEPS,
-            logprobs=0,
-            prompt_logprobs=0,
-            ignore_eos=True,
-            detokenize=False,
-        )
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    generations = []
-    for out in outputs:
-        completion = out.outputs[0]
-        tokens = list(completion.token_ids)
-        generations.append(
-            Generation(
-                prompt=list(out.prompt_token_ids),
-                tokens=tokens,
-                logprobs=[
-                    lp[t].logprob
-                    for t, lp in zip(tokens, completion.logprobs, strict=True)
-                ],
-                prompt_logprobs=[
-                    lp[t].logprob
-                    for t, lp in zip(
-                        out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True
-                    )
-                ],
-            )
-        )
+    llm = LLM(model=str(demo_dir))
+    config = llm.llm_engine.vllm_config
+    tokenizer = llm.get_tokenizer()
+    generations = greedy(llm, [tokenizer.encode(text) for text in TEXTS], STEPS)
     return Engine(
         dtype=str(config.model_config.dtype),
         enforce_eager=config.model_config.enforce_eager,

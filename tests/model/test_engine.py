@@ -13,6 +13,7 @@ import pytest
 
 from qwen_vllm.model.demo import write_demo_model
 from tests.conftest import WIDE_SPEC
+from tests.model.greedy import greedy
 from tests.reference_qwen import ReferenceQwenV1
 
 pytestmark = pytest.mark.slow
@@ -55,38 +56,15 @@ def expected(wide_dir, prompts):
 
 
 def run_engine(path, prompts, **engine_kwargs):
-    from vllm import LLM, SamplingParams
+    """(tokens, logprobs, prompt logprobs) per prompt, as `expected` has them."""
+    from vllm import LLM
 
     llm = LLM(
         model=str(path), dtype="float32", max_model_len=512, seed=0, **engine_kwargs
     )
-    try:
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=STEPS,
-            logprobs=0,
-            prompt_logprobs=0,
-            ignore_eos=True,
-            detokenize=False,
-        )
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    results = []
-    for out in outputs:
-        completion = out.outputs[0]
-        token_ids = list(completion.token_ids)
-        logprobs = [
-            lp[t].logprob for t, lp in zip(token_ids, completion.logprobs, strict=True)
-        ]
-        prompt_logprobs = [
-            lp[t].logprob
-            for t, lp in zip(
-                out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True
-            )
-        ]
-        results.append((token_ids, logprobs, prompt_logprobs))
-    return results
+    return [
+        (g.tokens, g.logprobs, g.prompt_logprobs) for g in greedy(llm, prompts, STEPS)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Each component run on its own stops on Ctrl-C or SIGTERM within 30 s, in
-every state, and leaves nothing behind (a worker's vLLM engine core above all).
+"""Each component run on its own (controller, worker, gateway, web UI) stops
+on Ctrl-C or SIGTERM within 30 s, in every state, and leaves nothing behind (a
+worker's vLLM engine core above all).
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def test_controller_and_worker_stop_clean_while_starting_and_serving(
             print(f"worker stopped while serving in {took:.1f} s")
         finally:
             cleanup(worker, tracker)
+
+        for kind, port_flag in (("gateway", "--port"), ("webui", "--webui-port")):
+            front, tracker, log = start(
+                kind,
+                tmp_path,
+                port_flag,
+                str(free_port()),
+                "--controller-address",
+                f"http://127.0.0.1:{controller_port}",
+            )
+            try:
+                wait_for_output(front, log, f"{kind} listening on", 120)
+                code, took = stop_and_check(front, tracker, log, signal.SIGTERM, False)
+                print(f"{kind} stopped in {took:.1f} s")
+            finally:
+                cleanup(front, tracker)
 
         code, took = stop_and_check(
             controller, controller_tracker, controller_log, signal.SIGTERM, False

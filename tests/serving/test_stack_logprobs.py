@@ -44,7 +44,6 @@ MAX_TOKENS = 8
 TOLERANCE = 1e-4
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 PROMPT = "The quick brown fox"
-KV_CACHE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +105,6 @@ def expected(stack) -> dict[str, Expected]:
 
     llm = LLM(
         model=str(stack.model_dir),
-        kv_cache_memory_bytes=KV_CACHE_BYTES,
         **stack_engine_args(stack),
     )
     try:
