@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from qwen_vllm.memory import InsufficientMemory
-from qwen_vllm.serving.lifecycle import StopSignals, read_from, root_cause
+from qwen_vllm.serving.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.runner import ServiceRunner, configure_logging
 from qwen_vllm.serving.settings import (
@@ -220,11 +220,11 @@ class Supervisor:
         service.restart_at = None
         self.services[service.name] = service
 
-    def _identify(self, service: Service) -> None:
+    def _identify(self, service: Service, timeout: float = 10.0) -> None:
         import ray
 
         with contextlib.suppress(Exception):
-            info = ray.get(service.actor.info.remote(), timeout=10)
+            info = ray.get(service.actor.info.remote(), timeout=timeout)
             service.pid, service.node_ip = info["pid"], info["node_ip"]
 
     def poll(self) -> None:
@@ -260,7 +260,7 @@ class Supervisor:
             outcome = ray.get(ref)
         except Exception:  # the actor process died (engine crash, OOM kill)
             outcome = {"failure": None, "fatal": False}
-        text = read_from(log) if log is not None else ""
+        text = read_tail(log) if log is not None else ""
         cause = root_cause(text) or outcome["failure"] or "the process died"
         with contextlib.suppress(Exception):
             ray.kill(service.actor, no_restart=True)
@@ -390,7 +390,7 @@ def start(
         options={"num_cpus": 0},
     )
     supervisor.launch(controller)
-    supervisor._identify(controller)
+    supervisor._identify(controller, timeout=120.0)
     if controller.pid is None:
         raise ServeError(f"the controller actor did not start; logs: {ray_log_dir()}")
     supervisor.controller_url = settings.controller_address or (

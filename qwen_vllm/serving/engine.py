@@ -89,11 +89,14 @@ def kv_cache_memory_bytes(
     from qwen_vllm.config import QWenConfig
 
     tp = settings.tensor_parallel_size
+    # The worker's whole cache: vLLM's engine argument is per rank.
     requested = args.get("kv_cache_memory_bytes")
-    if requested is None and settings.kv_cache_memory is not None:
-        requested = int(settings.kv_cache_memory * memory.GiB) // tp
+    if requested is not None:
+        requested *= tp
+    elif settings.kv_cache_memory is not None:
+        requested = int(settings.kv_cache_memory * memory.GiB)
     if not current_platform.is_cpu():
-        return requested
+        return None if requested is None else requested // tp
     config = QWenConfig.from_pretrained(model_dir)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     model = memory.footprint(
@@ -109,7 +112,7 @@ def kv_cache_memory_bytes(
     return memory.cpu_kv_cache_bytes_per_rank(
         model,
         share=settings.workers_per_node,
-        requested_bytes=None if requested is None else requested * tp,
+        requested_bytes=requested,
     )
 
 

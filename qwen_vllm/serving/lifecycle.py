@@ -136,10 +136,12 @@ def root_cause(log_text: str) -> str | None:
     return None
 
 
-def read_from(path: Path, offset: int = 0, limit: int = 4 << 20) -> str:
+def read_tail(path: Path, limit: int = 1 << 20) -> str:
+    """The last `limit` bytes of a log: where a process that served for hours
+    wrote why it died (a failed start's whole log is far smaller)."""
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(limit).decode(errors="replace")
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            return f.read().decode(errors="replace")
     except OSError:
         return ""

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+# Prompts of 1 to 156 tokens, batched together: short, long, Chinese, code.
+TEXTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "通义千问是阿里云研发的大语言模型。请介绍一下你自己，并写一首关于秋天的短诗。",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Generation:

@@ -39,7 +39,7 @@ import json
 
 import pytest
 
-from tests.model.greedy import Generation, greedy
+from tests.model.greedy import TEXTS, Generation, greedy
 from tests.reference_qwen import ReferenceQwenV1, read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -48,12 +48,6 @@ U = 2.0**-8  # bf16 unit roundoff
 LOGPROB_BOUND = 1.25  # in units of B_t (module docstring)
 MARGIN_BOUND = 1.0  # in bf16 steps of the reference's top logit
 STEPS = 32
-TEXTS = [
-    "Hi",
-    "The quick brown fox jumps over the lazy dog.",
-    "通义千问是阿里云研发的大语言模型。请介绍一下你自己，并写一首关于秋天的短诗。",
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,
-]
 
 
 @dataclasses.dataclass(frozen=True)

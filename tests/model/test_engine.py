@@ -13,18 +13,12 @@ import pytest
 
 from qwen_vllm.model.demo import write_demo_model
 from tests.conftest import WIDE_SPEC
-from tests.model.greedy import greedy
+from tests.model.greedy import TEXTS, greedy
 from tests.reference_qwen import ReferenceQwenV1
 
 pytestmark = pytest.mark.slow
 
 STEPS = 32
-TEXTS = [
-    "Hi",
-    "The quick brown fox jumps over the lazy dog.",
-    "通义千问是阿里云研发的大语言模型。请介绍一下你自己，并写一首关于秋天的短诗。",
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 6,
-]
 
 
 @pytest.fixture(scope="module")

@@ -194,9 +194,10 @@ def test_chat_logprobs_are_the_engines(stack, client, expected):
     assert top <= TOLERANCE
 
 
-def test_echoed_completion_logprobs_are_the_engines(stack, client, expected):
-    want = expected["completion"]
-    reply = client.completions.create(
+@pytest.fixture(scope="module")
+def echoed(stack, client):
+    """One echoed completion with logprobs, checked by the two tests below."""
+    return client.completions.create(
         model=stack.model,
         prompt=PROMPT,
         max_tokens=MAX_TOKENS,
@@ -204,6 +205,11 @@ def test_echoed_completion_logprobs_are_the_engines(stack, client, expected):
         logprobs=TOP,
         echo=True,
     )
+
+
+def test_echoed_completion_logprobs_are_the_engines(echoed, expected):
+    want = expected["completion"]
+    reply = echoed
     assert reply.usage.prompt_tokens == len(want.prompt_ids)
     assert reply.usage.completion_tokens == len(want.positions)
     choice = reply.choices[0]
@@ -237,20 +243,9 @@ def test_echoed_completion_logprobs_are_the_engines(stack, client, expected):
     assert top <= TOLERANCE
 
 
-def test_echo_lists_the_prompts_logprobs_as_openai_does(stack, client, expected):
+def test_echo_lists_the_prompts_logprobs_as_openai_does(echoed, expected):
     want = expected["completion"]
-    logprobs = (
-        client.completions.create(
-            model=stack.model,
-            prompt=PROMPT,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            logprobs=TOP,
-            echo=True,
-        )
-        .choices[0]
-        .logprobs
-    )
+    logprobs = echoed.choices[0].logprobs
     prompt_len = len(want.prompt_ids)
     assert len(logprobs.tokens) == prompt_len + len(want.positions)
     assert logprobs.token_logprobs[0] is None
