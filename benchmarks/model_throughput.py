@@ -55,8 +55,8 @@ def status(text: str) -> None:
 
 
 def checkpoints(workdir: Path, sizes: dict) -> tuple[Path, Path]:
-    from qwen_vllm.model.demo import DemoModelSpec, ensure_demo_model
-    from qwen_vllm.model.qwen2_layout import write_qwen2_checkpoint
+    from qwen_vllm.checkpoints.demo import DemoModelSpec, ensure_demo_model
+    from qwen_vllm.checkpoints.qwen2_layout import write_qwen2_checkpoint
 
     spec = DemoModelSpec(**sizes, dtype="float32", seq_length=2048, seed=1)
     v1 = ensure_demo_model(workdir / "qwen-v1", spec)

@@ -42,14 +42,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.bench.loadgen import (
+from qwen_vllm.loadgen.loadgen import (
     LengthRange,
     LoadConfig,
     LoadGenerator,
     RequestResult,
     percentiles,
 )
-from qwen_vllm.bench.report import markdown_table, ms, plot_comparison, write_json
+from qwen_vllm.loadgen.report import markdown_table, ms, plot_comparison, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("qwen-vllm", "vllm", "fastchat")
@@ -127,7 +127,7 @@ def venv_bin(name: str) -> str:
 
 
 def checkpoint(workdir: Path) -> Path:
-    from qwen_vllm.model.demo import DemoModelSpec, ensure_demo_model
+    from qwen_vllm.checkpoints.demo import DemoModelSpec, ensure_demo_model
 
     spec = DemoModelSpec(**MODEL, dtype="float32", seq_length=MAX_MODEL_LEN, seed=1)
     return ensure_demo_model(workdir / MODEL_NAME, spec)

@@ -33,4 +33,4 @@ esac
 python=python3
 [ -x "$root/.venv/bin/python" ] && python=$root/.venv/bin/python
 
-exec "$python" -m qwen_vllm.launch "ray-$command" "$@"
+exec "$python" -m qwen_vllm.deploy.launch "ray-$command" "$@"

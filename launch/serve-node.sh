@@ -18,4 +18,4 @@ python=python3
 
 # exec: Ctrl-C and a supervisor's SIGTERM must reach `qwen-vllm serve` itself,
 # which the launcher in turn execs after its checks.
-exec "$python" -m qwen_vllm.launch serve-node "$@"
+exec "$python" -m qwen_vllm.deploy.launch serve-node "$@"

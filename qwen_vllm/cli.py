@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
-from qwen_vllm.model.demo import DemoModelSpec
+from qwen_vllm.checkpoints.demo import DemoModelSpec
 
 
 class CliError(Exception):
@@ -38,7 +38,7 @@ def _add_demo_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo_model(args: argparse.Namespace) -> None:
-    from qwen_vllm.model.demo import write_demo_model
+    from qwen_vllm.checkpoints.demo import write_demo_model
 
     overrides = {
         f.name: getattr(args, f.name)
@@ -64,7 +64,7 @@ _SERVICE_HELP = {
 
 def _add_service(kind: str) -> Callable[[argparse._SubParsersAction], None]:
     def add(sub: argparse._SubParsersAction) -> None:
-        from qwen_vllm.serving.runner import SERVICES
+        from qwen_vllm.deploy.runner import SERVICES
         from qwen_vllm.serving.settings import add_arguments
 
         p = sub.add_parser(kind, help=_SERVICE_HELP[kind])
@@ -84,7 +84,7 @@ def _settings(cls, args: argparse.Namespace):
 
 
 def _run_service(kind: str, args: argparse.Namespace) -> None:
-    from qwen_vllm.serving.runner import SERVICES, ServiceRunner, configure_logging
+    from qwen_vllm.deploy.runner import SERVICES, ServiceRunner, configure_logging
 
     settings = _settings(SERVICES[kind].settings_cls, args)
     configure_logging(settings.log_level)
@@ -110,8 +110,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    from qwen_vllm.serving.cluster import ServeError, run_serve
-    from qwen_vllm.serving.runner import configure_logging
+    from qwen_vllm.deploy.cluster import ServeError, run_serve
+    from qwen_vllm.deploy.runner import configure_logging
     from qwen_vllm.serving.settings import ServeSettings
 
     settings = _settings(ServeSettings, args)
@@ -156,8 +156,8 @@ def _run_chat(args: argparse.Namespace) -> None:
             "Qwen v1 checkpoint, or omit --model for the demo model"
         )
     from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
-    from qwen_vllm.qwen_chat import QwenChat
-    from qwen_vllm.terminal_chat import TerminalChat
+    from qwen_vllm.offline.qwen_chat import QwenChat
+    from qwen_vllm.offline.terminal_chat import TerminalChat
 
     print(f"loading {args.model or 'the demo model'} ...", flush=True)
     engine_kwargs = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
@@ -175,7 +175,7 @@ def _run_chat(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from qwen_vllm.bench.cli import add_bench_parser
+    from qwen_vllm.loadgen.cli import add_bench_parser
 
     add_bench_parser(sub)
 
@@ -219,7 +219,7 @@ def entry() -> None:
     seconds, and whatever it started (engine cores, tensor-parallel ranks,
     Ray) ends with it. In the terminal chat, Ctrl-C interrupts an answer.
     """
-    from qwen_vllm.serving.lifecycle import StopSignals, adopt_orphans, end_descendants
+    from qwen_vllm.deploy.lifecycle import StopSignals, adopt_orphans, end_descendants
 
     adopt_orphans()
     chat = len(sys.argv) > 1 and sys.argv[1] == "chat"

@@ -42,8 +42,8 @@ def register() -> None:
 def _register_config_and_tokenizer() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from qwen_vllm.config import QWenConfig
-    from qwen_vllm.tokenizer import QWenTokenizer
+    from qwen_vllm.chat.tokenizer import QWenTokenizer
+    from qwen_vllm.model.config import QWenConfig
 
     AutoConfig.register(MODEL_TYPE, QWenConfig, exist_ok=True)
     AutoTokenizer.register(QWenConfig, tokenizer_class=QWenTokenizer, exist_ok=True)
@@ -60,7 +60,7 @@ def _register_config_and_tokenizer() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils import model_arch_config_convertor as convertors
 
-    from qwen_vllm.model.arch import QWenArchConfigConvertor, QWenConfigHook
+    from qwen_vllm.model.hooks import QWenArchConfigConvertor, QWenConfigHook
 
     convertors.MODEL_ARCH_CONFIG_CONVERTORS[MODEL_TYPE] = QWenArchConfigConvertor
     MODELS_CONFIG_MAP[ARCHITECTURE] = QWenConfigHook
@@ -104,7 +104,7 @@ def _add_chatml_stop_ids() -> None:
         config = original(self)
         if getattr(self.hf_config, "model_type", None) != MODEL_TYPE:
             return config
-        from qwen_vllm.vocab import STOP_TOKEN_IDS
+        from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
 
         eos = config.get("eos_token_id")
         ids = [eos] if isinstance(eos, int) else list(eos or [])

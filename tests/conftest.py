@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 
 # A second architecture beside the default demo: partial rotary, more layers
 # and heads, GPT-2 style config names, stored in three safetensors shards.

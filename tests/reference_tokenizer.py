@@ -15,7 +15,7 @@ import sys
 import types
 from pathlib import Path
 
-import qwen_vllm.vocab
+import qwen_vllm.chat.vocab
 
 # Facts of the published vocabulary, restated rather than imported.
 IM_START_ID, IM_END_ID = 151644, 151645
@@ -26,7 +26,7 @@ class ReferenceTokenizer:
 
     def __init__(self, vocab_file: str | Path | None = None) -> None:
         module = _load_module()
-        self.vocab_file = Path(vocab_file or qwen_vllm.vocab.packaged_vocab_file())
+        self.vocab_file = Path(vocab_file or qwen_vllm.chat.vocab.packaged_vocab_file())
         self.impl = module.QWenTokenizer(str(self.vocab_file))
 
     def encode(self, text: str) -> list[int]:

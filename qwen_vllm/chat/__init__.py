@@ -1,5 +1,5 @@
-"""Chat formats shared by the model plugin and the control plane.
+"""The Qwen v1 chat format: vocabulary facts, the tokenizer, ChatML and ReAct.
 
-Pure Python: the gateway and web UI import this package, so nothing here may
-import vLLM, torch or transformers.
+Shared by the model plugin and the control plane, so nothing here imports
+vLLM or torch; `chatml`, `react` and `vocab` are pure Python.
 """

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from qwen_vllm.vocab import IM_END_ID, IM_START_ID, SPECIAL_TOKENS
+from qwen_vllm.chat.vocab import IM_END_ID, IM_START_ID, SPECIAL_TOKENS
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_MAX_WINDOW_SIZE = 6144

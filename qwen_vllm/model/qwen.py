@@ -34,7 +34,7 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsQuant
 from vllm.model_executor.models.utils import make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from qwen_vllm.config import QWenConfig
+from qwen_vllm.model.config import QWenConfig
 from qwen_vllm.model.long_context import (
     LogNScaling,
     NTKRotaryEmbedding,

@@ -14,7 +14,7 @@ import dataclasses
 from vllm.renderers.hf import HfRenderer
 from vllm.renderers.params import ChatParams
 
-from qwen_vllm.tokenizer import QWenTokenizer
+from qwen_vllm.chat.tokenizer import QWenTokenizer
 
 
 class QwenAwareHfRenderer(HfRenderer):

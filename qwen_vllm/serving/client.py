@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
@@ -95,6 +95,34 @@ class WorkerInfo(BaseModel):
             queue_length=raw.get("queue_length", status.get("queue_length", 0)),
             healthy=bool(healthy),
         )
+
+
+class Backend(Protocol):
+    """What the gateway and the web UI need from the control plane.
+
+    ControllerClient implements it (and WorkerStatusSource); tests pass fakes.
+    A request that cannot start raises a BackendError subclass.
+    """
+
+    async def list_models(self) -> list[str]: ...
+
+    def generate_stream(
+        self, model: str, params: GenerateParams
+    ) -> AsyncIterator[GenerateChunk]:
+        """FastChat chunks (`text` is the whole output so far); closing the
+        iterator must abort the generation."""
+        ...
+
+    async def generate(self, model: str, params: GenerateParams) -> GenerateChunk: ...
+
+    async def model_details(self, model: str) -> ModelDetails: ...
+
+
+@runtime_checkable
+class WorkerStatusSource(Protocol):
+    """Optional: backends that can list workers feed the queue-depth metrics."""
+
+    async def workers(self) -> list[WorkerInfo]: ...
 
 
 class ControllerClient:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from tests.gptq_checkpoint import dequantized_weights, write_gptq_checkpoint
 from tests.reference_qwen import ReferenceQwenV1
 

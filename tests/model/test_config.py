@@ -1,6 +1,6 @@
 import pytest
 
-from qwen_vllm.config import QWenConfig
+from qwen_vllm.model.config import QWenConfig
 
 
 def test_reads_qwen_v1_fields():

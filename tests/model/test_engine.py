@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from qwen_vllm.model.demo import write_demo_model
+from qwen_vllm.checkpoints.demo import write_demo_model
 from tests.conftest import WIDE_SPEC
 from tests.model.greedy import TEXTS, greedy
 from tests.reference_qwen import ReferenceQwenV1

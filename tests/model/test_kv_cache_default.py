@@ -28,7 +28,7 @@ def test_an_explicit_size_is_left_alone(demo_dir):
 
 
 def test_a_context_the_machine_cannot_hold_is_refused(tmp_path):
-    from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+    from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 
     # 64 layers x 64 channels x (K, V) x bf16 (vLLM's CPU default for a
     # float32 checkpoint): 16 KiB per token, so one sequence of 8M positions

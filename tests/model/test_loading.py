@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from tests.reference_qwen import read_checkpoint
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from tests.reference_qwen import ReferenceQwenV1
 from tests.reference_qwen import ntk_alpha as reference_alpha
 

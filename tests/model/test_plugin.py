@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from qwen_vllm import plugin
-from qwen_vllm.config import QWenConfig
+from qwen_vllm.model.config import QWenConfig
 
 
 def test_entry_point_is_the_lazy_register_function():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen_vllm.model import arch
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
+from qwen_vllm.model import hooks as arch
 from tests.gptq_checkpoint import dequantized_weights, write_gptq_checkpoint
 from tests.reference_qwen import ReferenceQwenV1
 

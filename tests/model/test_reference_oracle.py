@@ -3,8 +3,8 @@
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from qwen_vllm.config import QWenConfig
-from qwen_vllm.model.qwen2_layout import qwen2_config_dict, qwen2_state_dict
+from qwen_vllm.checkpoints.qwen2_layout import qwen2_config_dict, qwen2_state_dict
+from qwen_vllm.model.config import QWenConfig
 from tests.reference_qwen import ReferenceQwenV1, read_checkpoint
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from qwen_vllm.bench.loadgen import (
+from qwen_vllm.loadgen.loadgen import (
     CLEAN_FAILURES,
     HUNG,
     LengthRange,
@@ -37,7 +37,7 @@ from qwen_vllm.bench.loadgen import (
     RequestResult,
     RunResult,
 )
-from qwen_vllm.bench.procs import listening_pids, worker_pid
+from qwen_vllm.loadgen.procs import listening_pids, worker_pid
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.gateway import create_app as create_gateway
 from qwen_vllm.serving.settings import ControllerSettings, GatewaySettings

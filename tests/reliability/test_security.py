@@ -23,7 +23,6 @@ import pytest
 from fastapi import FastAPI
 
 from qwen_vllm.serving import controller as controller_module
-from qwen_vllm.serving import worker as worker_module
 from qwen_vllm.serving.gateway import create_app as create_gateway
 from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import (
@@ -32,6 +31,7 @@ from qwen_vllm.serving.settings import (
     WorkerSettings,
     build_settings,
 )
+from qwen_vllm.serving.worker import app as worker_module
 from tests.serving.test_controller import serving
 from tests.serving.test_gateway import MODEL, FakeBackend, ManualClock
 from tests.serving.test_worker import FakeEngine
@@ -425,7 +425,7 @@ def _ray_logs_of(pid: int) -> list[Path]:
 
 @pytest.mark.slow
 def test_the_real_stack_keeps_its_key_out_of_its_logs(stack) -> None:
-    from qwen_vllm.bench.procs import listening_pids
+    from qwen_vllm.loadgen.procs import listening_pids
 
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     wrong = {"Authorization": f"Bearer {stack.api_key}-wrong"}

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from qwen_vllm.chat.react import OBSERVATION_STOP
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
 from qwen_vllm.serving.client import (
     BackendError,
     ModelDetails,
@@ -32,7 +33,6 @@ from qwen_vllm.serving.protocol import (
     Usage,
 )
 from qwen_vllm.serving.settings import GatewaySettings, build_settings
-from qwen_vllm.vocab import STOP_TOKEN_IDS
 
 MODEL = "qwen-demo"
 KEY = "sk-test-key-1"

@@ -34,8 +34,8 @@ import openai
 import pytest
 
 from qwen_vllm.chat.chatml import build_prompt_ids
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
 from qwen_vllm.serving.settings import WorkerSettings
-from qwen_vllm.vocab import STOP_TOKEN_IDS
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import pytest
 import uvicorn
 
 from qwen_vllm.serving import controller as controller_module
-from qwen_vllm.serving.engine import VllmEngine
 from qwen_vllm.serving.protocol import (
     INTERNAL_TOKEN_HEADER,
     GenerateChunk,
@@ -22,7 +21,8 @@ from qwen_vllm.serving.protocol import (
     iter_stream_chunks,
 )
 from qwen_vllm.serving.settings import ControllerSettings, WorkerSettings
-from qwen_vllm.serving.worker import create_app
+from qwen_vllm.serving.worker.app import create_app
+from qwen_vllm.serving.worker.engine import VllmEngine
 from tests.conftest import free_port
 
 

@@ -3,7 +3,7 @@
 Pure control plane: nothing here imports vLLM, torch or transformers.
 """
 
+from qwen_vllm.serving.client import Backend
 from qwen_vllm.serving.gateway.app import create_app, run_gateway
-from qwen_vllm.serving.gateway.backend import Backend
 
 __all__ = ["Backend", "create_app", "run_gateway"]

@@ -21,8 +21,12 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from qwen_vllm import __version__
-from qwen_vllm.serving.client import BackendError, ControllerClient
-from qwen_vllm.serving.gateway.backend import Backend, WorkerStatusSource
+from qwen_vllm.serving.client import (
+    Backend,
+    BackendError,
+    ControllerClient,
+    WorkerStatusSource,
+)
 from qwen_vllm.serving.gateway.chat_service import ChatService
 from qwen_vllm.serving.gateway.completion_service import CompletionService
 from qwen_vllm.serving.gateway.errors import APIError, install_error_handlers

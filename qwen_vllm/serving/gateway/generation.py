@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 
-from qwen_vllm.serving.client import BackendError
-from qwen_vllm.serving.gateway.backend import Backend
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
+from qwen_vllm.serving.client import Backend, BackendError
 from qwen_vllm.serving.gateway.errors import (
     APIError,
     bad_request,
@@ -36,7 +36,6 @@ from qwen_vllm.serving.protocol import (
     TokenCandidate,
 )
 from qwen_vllm.serving.settings import GatewaySettings
-from qwen_vllm.vocab import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 

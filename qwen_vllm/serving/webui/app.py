@@ -18,8 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_vllm import __version__
-from qwen_vllm.serving.client import ControllerClient
-from qwen_vllm.serving.gateway.backend import Backend
+from qwen_vllm.serving.client import Backend, ControllerClient
 from qwen_vllm.serving.settings import WebUISettings
 from qwen_vllm.serving.webui.session import ChatSession
 from qwen_vllm.serving.webui.ui import CSS, build_blocks, theme

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM
 from qwen_vllm.serving.client import (
+    Backend,
     BackendError,
     ControllerUnavailableError,
     NoWorkerError,
@@ -23,7 +24,6 @@ from qwen_vllm.serving.client import (
     WorkerError,
     WorkerTimeoutError,
 )
-from qwen_vllm.serving.gateway.backend import Backend
 from qwen_vllm.serving.protocol import ChatMessage, ErrorCode, GenerateParams
 
 logger = logging.getLogger(__name__)

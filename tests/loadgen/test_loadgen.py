@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import uvicorn
 
-from qwen_vllm.bench import cli as bench_cli
-from qwen_vllm.bench.loadgen import (
+from qwen_vllm.loadgen import cli as bench_cli
+from qwen_vllm.loadgen.loadgen import (
     CLEAN_FAILURES,
     HUNG,
     LengthRange,
@@ -27,7 +27,7 @@ from qwen_vllm.bench.loadgen import (
     request_specs,
     sse_data,
 )
-from qwen_vllm.bench.procs import listening_pids, pid_source, sample
+from qwen_vllm.loadgen.procs import listening_pids, pid_source, sample
 from qwen_vllm.serving.client import NoWorkerError
 from qwen_vllm.serving.gateway import create_app
 from tests.conftest import free_port

@@ -1,9 +1,9 @@
 import hashlib
 import json
 
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS, packaged_vocab_file
+from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from qwen_vllm.cli import main as cli_main
-from qwen_vllm.model.demo import DemoModelSpec, write_demo_model
-from qwen_vllm.vocab import STOP_TOKEN_IDS, packaged_vocab_file
 
 
 def _digest(path):

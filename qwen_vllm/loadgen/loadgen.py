@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import httpx
 
-from qwen_vllm.bench.procs import PidSource, sample
+from qwen_vllm.loadgen.procs import PidSource, sample
 
 Endpoint = Literal["chat", "completions"]
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions"}

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers.decoders import DecodeStream
 
-import qwen_vllm.tokenizer as qwen_tokenizer
-from qwen_vllm.tokenizer import QWenTokenizer
-from qwen_vllm.vocab import packaged_vocab_file
+import qwen_vllm.chat.tokenizer as qwen_tokenizer
+from qwen_vllm.chat.tokenizer import QWenTokenizer
+from qwen_vllm.chat.vocab import packaged_vocab_file
 from tests.reference_tokenizer import reference_chat_ids, reference_tokenizer
 
 IM_START_ID, IM_END_ID, ENDOFTEXT_ID = 151644, 151645, 151643

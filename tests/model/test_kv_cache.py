@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vllm import memory
-from qwen_vllm.memory import GiB, InsufficientMemory, MemorySource, ModelFootprint
+from qwen_vllm.model import kv_cache as memory
+from qwen_vllm.model.kv_cache import (
+    GiB,
+    InsufficientMemory,
+    MemorySource,
+    ModelFootprint,
+)
 
 # Qwen-7B in bf16: 32 layers x 32 heads x 128 x (K and V) x 2 bytes.
 QWEN_7B = ModelFootprint(
@@ -124,7 +129,7 @@ def test_the_engine_binding_decides_the_cores(monkeypatch):
 
 
 def test_footprint_of_the_demo_checkpoint(demo_dir):
-    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.model.config import QWenConfig
 
     config = QWenConfig.from_pretrained(demo_dir)
     model = memory.footprint(

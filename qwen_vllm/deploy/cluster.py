@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 
-from qwen_vllm.memory import InsufficientMemory
-from qwen_vllm.serving.lifecycle import StopSignals, read_tail, root_cause
+from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
+from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
+from qwen_vllm.model.kv_cache import InsufficientMemory
 from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
-from qwen_vllm.serving.runner import ServiceRunner, configure_logging
 from qwen_vllm.serving.settings import (
     ControllerSettings,
     GatewaySettings,

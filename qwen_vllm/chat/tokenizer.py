@@ -36,7 +36,7 @@ from tokenizers.models import BPE
 from transformers import BatchEncoding, TokenizersBackend
 
 from qwen_vllm.chat import chatml
-from qwen_vllm.vocab import (
+from qwen_vllm.chat.vocab import (
     ENDOFTEXT,
     NUM_BPE_TOKENS,
     SPECIAL_TOKENS,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vllm import launch
-from qwen_vllm.launch import LaunchError, Machine
+from qwen_vllm.deploy import launch
+from qwen_vllm.deploy.launch import LaunchError, Machine
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -345,7 +345,7 @@ def test_cpu_plan_is_the_demo_with_tp2_one_core_per_rank():
 
 
 def test_cpu_plan_matches_serves_core_binding():
-    from qwen_vllm.serving.cluster import cpu_binding
+    from qwen_vllm.deploy.cluster import cpu_binding
 
     settings = serve_settings("--num-workers", "2", *cpu_ports())
     plan = launch.plan_serve_node(settings, cpu_machine(4))
@@ -713,7 +713,7 @@ def test_ray_cluster_script_routes_commands(tmp_path, model_dir, ports):
 def test_launcher_imports_neither_vllm_nor_torch(ports):
     code = (
         "import sys\n"
-        "from qwen_vllm import launch\n"
+        "from qwen_vllm.deploy import launch\n"
         f"argv = ['serve-node', '--gpus', '2', *{ports!r}]\n"
         "args = launch.build_parser().parse_args(argv)\n"
         "launch.make_plan(args, environ={'PATH': ''})\n"

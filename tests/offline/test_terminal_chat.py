@@ -9,7 +9,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from qwen_vllm.terminal_chat import TerminalChat
+from qwen_vllm.offline.terminal_chat import TerminalChat
 
 
 class FakeChat:

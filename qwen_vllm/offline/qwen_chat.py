@@ -24,7 +24,7 @@ from qwen_vllm.chat.chatml import (
     DEFAULT_SYSTEM,
     build_prompt_ids,
 )
-from qwen_vllm.vocab import STOP_TOKEN_IDS
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
 
 History = list[tuple[str, str]]
 # A batch item: a query, or a (query, history) pair.
@@ -44,7 +44,7 @@ class QwenChat:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from qwen_vllm.model.demo import default_demo_dir, ensure_demo_model
+        from qwen_vllm.checkpoints.demo import default_demo_dir, ensure_demo_model
 
         model_dir = (
             Path(model) if model is not None else ensure_demo_model(default_demo_dir())

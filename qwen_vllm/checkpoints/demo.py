@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qwen_vllm.vocab import (
+from qwen_vllm.chat.vocab import (
     ENDOFTEXT_ID,
     STOP_TOKEN_IDS,
     VOCAB_FILE_NAME,

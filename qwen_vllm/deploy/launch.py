@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.model.demo import DemoModelSpec
-from qwen_vllm.serving.cluster import (
+from qwen_vllm.checkpoints.demo import DemoModelSpec
+from qwen_vllm.deploy.cluster import (
     ServeError,
     check_ports_free,
     cpu_binding,
@@ -684,7 +684,7 @@ def plan_ray_worker(args: argparse.Namespace, machine: Machine) -> Plan:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen_vllm.launch",
+        prog="python -m qwen_vllm.deploy.launch",
         description="Check, show and start `qwen-vllm serve` layouts (used by "
         "launch/serve-node.sh and launch/ray-cluster.sh).",
     )

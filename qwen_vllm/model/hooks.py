@@ -103,14 +103,14 @@ def _size_cpu_kv_cache(vllm_config: VllmConfig) -> None:
     """Size the CPU KV cache from the memory this engine can really get.
 
     vLLM reserves 92% of the NUMA node and refuses to start when that much is
-    not free; see qwen_vllm/memory.py. An explicit size (kv_cache_memory_bytes,
+    not free; see qwen_vllm/model/kv_cache.py. An explicit size (kv_cache_memory_bytes,
     VLLM_CPU_KVCACHE_SPACE) is left alone.
     """
     import os
 
     from vllm.platforms import current_platform
 
-    from qwen_vllm import memory
+    from qwen_vllm.model import kv_cache as memory
 
     cache = vllm_config.cache_config
     if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:

@@ -14,7 +14,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def chat(demo_dir):
-    from qwen_vllm.qwen_chat import QwenChat
+    from qwen_vllm.offline.qwen_chat import QwenChat
 
     with QwenChat(demo_dir, enforce_eager=True, max_model_len=2048) as chat:
         yield chat

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from qwen_vllm.config import QWenConfig
+from qwen_vllm.model.config import QWenConfig
 
 _RENAMES = {
     "transformer.wte.weight": "model.embed_tokens.weight",

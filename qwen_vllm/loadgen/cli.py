@@ -100,7 +100,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, model: str):
-    from qwen_vllm.bench.loadgen import LengthRange, LoadConfig
+    from qwen_vllm.loadgen.loadgen import LengthRange, LoadConfig
 
     num_requests = args.num_requests
     max_duration = args.max_duration
@@ -149,9 +149,9 @@ class StatusLine:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from qwen_vllm.bench import loadgen, report
-    from qwen_vllm.bench.procs import pid_source
     from qwen_vllm.cli import CliError
+    from qwen_vllm.loadgen import loadgen, report
+    from qwen_vllm.loadgen.procs import pid_source
 
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, build_prompt_ids
+from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
 from qwen_vllm.serving.protocol import (
     ErrorCode,
     GenerateChunk,
@@ -20,7 +21,6 @@ from qwen_vllm.serving.protocol import (
     error_chunk,
 )
 from qwen_vllm.serving.settings import WorkerSettings
-from qwen_vllm.vocab import STOP_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RequestError(ValueError):
 
 def resolve_model_dir(settings: WorkerSettings) -> Path:
     """The checkpoint to serve: the given directory or the demo model."""
-    from qwen_vllm.model.demo import default_demo_dir, ensure_demo_model
+    from qwen_vllm.checkpoints.demo import default_demo_dir, ensure_demo_model
 
     if settings.model is None:
         return ensure_demo_model(default_demo_dir())
@@ -85,8 +85,8 @@ def kv_cache_memory_bytes(
     """
     from vllm.platforms import current_platform
 
-    from qwen_vllm import memory
-    from qwen_vllm.config import QWenConfig
+    from qwen_vllm.model import kv_cache as memory
+    from qwen_vllm.model.config import QWenConfig
 
     tp = settings.tensor_parallel_size
     # The worker's whole cache: vLLM's engine argument is per rank.

@@ -173,7 +173,7 @@ def container_env(docs, container: dict) -> dict[str, str]:
 
 def effective_settings(docs, kind: str):
     """The settings object the component's process would build."""
-    from qwen_vllm.serving.runner import SERVICES
+    from qwen_vllm.deploy.runner import SERVICES
 
     _, _, c = main_container(docs, kind)
     cls = SERVICES[kind].settings_cls
@@ -197,7 +197,7 @@ def health_routes() -> dict[str, set[str]]:
         build_settings,
     )
     from qwen_vllm.serving.webui import create_app as webui_app
-    from qwen_vllm.serving.worker import create_app as worker_app
+    from qwen_vllm.serving.worker.app import create_app as worker_app
 
     class IdleEngine:
         context_length = 2048
@@ -436,7 +436,7 @@ def test_configmap_keys_are_settings_fields(docs):
 
 
 def test_container_env_names_are_settings_of_that_component(docs):
-    from qwen_vllm.serving.runner import SERVICES
+    from qwen_vllm.deploy.runner import SERVICES
 
     for workload, _, c in containers(docs):
         kind = component(workload)
@@ -450,7 +450,7 @@ def test_container_env_names_are_settings_of_that_component(docs):
 
 
 def test_settings_validate_and_ports_line_up(docs):
-    from qwen_vllm.serving.runner import SERVICES
+    from qwen_vllm.deploy.runner import SERVICES
 
     controller_service = named(docs, "Service", "qwen-vllm-controller")
     for kind in COMPONENTS:

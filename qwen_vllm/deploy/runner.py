@@ -37,8 +37,8 @@ async def _controller(settings: ControllerSettings):
 
 
 async def _worker(settings: WorkerSettings):
-    from qwen_vllm.serving.engine import VllmEngine
-    from qwen_vllm.serving.worker import create_app
+    from qwen_vllm.serving.worker.app import create_app
+    from qwen_vllm.serving.worker.engine import VllmEngine
 
     # Started inside the running loop: AsyncLLM binds its output handler to it.
     engine = VllmEngine.start(settings)

@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from qwen_vllm.serving.lifecycle import root_cause
+from qwen_vllm.deploy.lifecycle import root_cause
 
 # The shape of a failed engine start on vLLM 0.32: the engine core's own
 # traceback (the cause), then the front end's wrapper.
@@ -48,7 +48,7 @@ def test_a_log_without_an_exception_has_no_cause():
 ENDS_ITS_TREE = """
 import json, signal, subprocess, sys, time
 import psutil
-from qwen_vllm.serving.lifecycle import adopt_orphans, end_descendants
+from qwen_vllm.deploy.lifecycle import adopt_orphans, end_descendants
 
 adopt_orphans()
 # A child that ignores SIGTERM, and an orphan (its parent exits at once).
