@@ -5,3 +5,7 @@ process, and the control plane never imports vLLM or torch.
 """
 
 __version__ = "0.1.0"
+
+# The name the embedded demo model is served under; the control plane knows it
+# without reaching the checkpoint tools.
+DEMO_MODEL_NAME = "qwen-v1-demo"

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qwen_vllm import DEMO_MODEL_NAME
 from qwen_vllm.chat.vocab import (
     ENDOFTEXT_ID,
     STOP_TOKEN_IDS,
@@ -23,7 +24,6 @@ from qwen_vllm.chat.vocab import (
     packaged_vocab_file,
 )
 
-DEMO_MODEL_NAME = "qwen-v1-demo"
 _DTYPES = ("float32", "float16", "bfloat16")
 
 

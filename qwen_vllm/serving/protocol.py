@@ -125,6 +125,8 @@ class GenerateParams(_Message):
 
 
 class Usage(BaseModel):
+    """FastChat's usage has OpenAI's field names: the gateway answers with it."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0

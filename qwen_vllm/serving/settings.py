@@ -133,7 +133,7 @@ class WorkerFields(_Settings):
     )
 
     def served_model_name(self) -> str:
-        from qwen_vllm.checkpoints.demo import DEMO_MODEL_NAME
+        from qwen_vllm import DEMO_MODEL_NAME
 
         if self.model_name:
             return self.model_name

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import uvicorn
@@ -30,11 +30,6 @@ from qwen_vllm.serving.client import (
 from qwen_vllm.serving.gateway.chat_service import ChatService
 from qwen_vllm.serving.gateway.completion_service import CompletionService
 from qwen_vllm.serving.gateway.errors import APIError, install_error_handlers
-from qwen_vllm.serving.gateway.generation import (
-    SSE_HEADERS,
-    EventStream,
-    StreamingService,
-)
 from qwen_vllm.serving.gateway.limits import (
     AccessMiddleware,
     ApiKeys,
@@ -54,7 +49,10 @@ from qwen_vllm.serving.gateway.openai_models import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    SamplingRequest,
 )
+from qwen_vllm.serving.gateway.service import OpenAIService
+from qwen_vllm.serving.gateway.streaming import SSE_HEADERS, EventStream
 from qwen_vllm.serving.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -192,10 +190,17 @@ def _routes() -> APIRouter:
     return router
 
 
-async def _answer(service: StreamingService, body: Any, request: Request) -> Any:
+_Request = TypeVar("_Request", bound=SamplingRequest)
+_Response = TypeVar("_Response")
+
+
+async def _answer(
+    service: OpenAIService[_Request, _Response], body: _Request, request: Request
+) -> _Response | StreamingResponse:
     """The whole response, or its event stream if the request asks to stream."""
+    answer: _Response | StreamingResponse
     if body.stream:
-        answer: Any = _event_stream(await service.stream(body))
+        answer = _event_stream(await service.stream(body))
     else:
         answer = await service.complete(body)
     request.state.model = body.model  # for the access metrics

@@ -25,21 +25,10 @@ from qwen_vllm.chat.react import (
     parse_react_output,
 )
 from qwen_vllm.serving.gateway.errors import bad_request
-from qwen_vllm.serving.gateway.generation import (
-    StreamingService,
-    StreamState,
-    UsageCounter,
+from qwen_vllm.serving.gateway.logprobs import (
+    TokenLogprob,
     chat_logprobs,
-    check_context,
-    check_limits,
-    choice_params,
-    context_length,
-    failure,
-    finish_reason,
-    generate_all,
     parse_logprobs,
-    sampling_fields,
-    worker_failed,
 )
 from qwen_vllm.serving.gateway.openai_models import (
     ChatChoice,
@@ -47,12 +36,21 @@ from qwen_vllm.serving.gateway.openai_models import (
     ChatCompletionResponse,
     ChatMessageOut,
     FunctionCallOut,
+    NamedFunction,
     NamedToolChoice,
     ToolCallOut,
 )
-from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams
-
-PROMPT_PARAM = "messages"
+from qwen_vllm.serving.gateway.planning import (
+    Plan,
+    check_limits,
+    choice_params,
+    sampling_fields,
+    usable_context,
+)
+from qwen_vllm.serving.gateway.results import finish_reason
+from qwen_vllm.serving.gateway.service import GenerationService
+from qwen_vllm.serving.gateway.streaming import StreamState
+from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams, Usage
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,9 @@ class ToolPlan:
 
 
 @dataclass(frozen=True)
-class ChatPlan:
-    request_id: str
+class ChatPlan(Plan):
     react: ReactPrompt
     tools: ToolPlan
-    params: list[GenerateParams]
-    top_logprobs: int | None  # None: no logprobs
 
 
 def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
@@ -80,7 +75,7 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     legacy = request.functions is not None and request.tools is None
     if legacy:
         definitions = request.functions or []
-        choice: Any = request.function_call
+        choice: str | NamedToolChoice | NamedFunction | None = request.function_call
         param = "function_call"
     else:
         definitions = [tool.function for tool in request.tools or []]
@@ -112,8 +107,10 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class ChatService(StreamingService):
-    prompt_param = PROMPT_PARAM
+class ChatService(
+    GenerationService[ChatCompletionRequest, ChatPlan, ChatCompletionResponse]
+):
+    prompt_param = "messages"
 
     async def plan(self, request: ChatCompletionRequest) -> ChatPlan:
         max_tokens, max_param = request.max_tokens, "max_tokens"
@@ -133,8 +130,9 @@ class ChatService(StreamingService):
             )
         except ReactFormatError as exc:
             raise bad_request(str(exc), exc.param) from exc
-        context = await context_length(self.backend, request.model)
-        check_context(max_tokens, context, max_param)
+        context = await usable_context(
+            self.backend, request.model, max_tokens, max_param
+        )
         if context is None:
             window = DEFAULT_MAX_WINDOW_SIZE
         elif max_tokens is not None:
@@ -144,11 +142,8 @@ class ChatService(StreamingService):
         stop = request.stop_list() + [
             s for s in react.stop if s not in request.stop_list()
         ]
-        fields = sampling_fields(request, max_tokens)
-        if stop:
-            fields["stop"] = stop
-        if request.logprobs:
-            fields["logprobs"] = request.top_logprobs or 0
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        fields = sampling_fields(request, max_tokens, stop, top_logprobs)
         if react.continue_final_message:
             fields["continue_final_message"] = True
         base = GenerateParams(
@@ -159,77 +154,73 @@ class ChatService(StreamingService):
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         return ChatPlan(
-            request_id,
-            react,
-            tools,
-            list(choice_params(base, request_id, request.n, request.seed)),
-            (request.top_logprobs or 0) if request.logprobs else None,
+            request_id=request_id,
+            params=list(choice_params(base, request_id, request.n, request.seed)),
+            top_logprobs=top_logprobs,
+            react=react,
+            tools=tools,
         )
 
-    # Whole responses
-
-    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        plan = await self.plan(request)
-        chunks = await generate_all(self.backend, request.model, plan.params)
-        usage = UsageCounter()
-        choices = []
-        for index, chunk in enumerate(chunks):
-            if worker_failed(chunk):
-                raise failure(chunk, PROMPT_PARAM)
-            usage.record(index, 0, chunk)
-            choices.append(self._choice(plan, index, chunk))
-        total = usage.usage()
-        self.metrics.count_tokens(
-            request.model, total.prompt_tokens, total.completion_tokens
-        )
+    def response(
+        self,
+        request: ChatCompletionRequest,
+        plan: ChatPlan,
+        chunks: list[GenerateChunk],
+        usage: Usage,
+    ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
-            id=plan.request_id, model=request.model, choices=choices, usage=total
+            id=plan.request_id,
+            model=request.model,
+            choices=[_choice(plan, index, chunk) for index, chunk in enumerate(chunks)],
+            usage=usage,
         )
 
-    def _choice(self, plan: ChatPlan, index: int, chunk: GenerateChunk) -> ChatChoice:
-        output = _parse(plan.react, chunk.text)
-        logprobs = None
-        if plan.top_logprobs is not None:
-            logprobs = chat_logprobs(parse_logprobs(chunk.logprobs), plan.top_logprobs)
-        call = output.tool_call
-        if call is None:
-            message = ChatMessageOut(content=output.content)
-            reason = finish_reason(chunk)
-        elif plan.tools.legacy:
-            message = ChatMessageOut(
-                content=output.content or None,
-                function_call=FunctionCallOut(name=call.name, arguments=call.arguments),
-            )
-            reason = "function_call"
-        else:
-            message = ChatMessageOut(
-                content=output.content or None,
-                tool_calls=[
-                    ToolCallOut(
-                        id=new_call_id(),
-                        function=FunctionCallOut(
-                            name=call.name, arguments=call.arguments
-                        ),
-                    )
-                ],
-            )
-            reason = "tool_calls"
-        return ChatChoice(
-            index=index, message=message, logprobs=logprobs, finish_reason=reason
+    def stream_state(
+        self, request: ChatCompletionRequest, plan: ChatPlan
+    ) -> _ChatStream:
+        return _ChatStream(request, plan, self.prompt_param)
+
+
+def _choice(plan: ChatPlan, index: int, chunk: GenerateChunk) -> ChatChoice:
+    output = _parse(plan.react, chunk.text)
+    logprobs = None
+    if plan.top_logprobs is not None:
+        logprobs = chat_logprobs(parse_logprobs(chunk.logprobs), plan.top_logprobs)
+    call = output.tool_call
+    if call is None:
+        message = ChatMessageOut(content=output.content)
+        reason = finish_reason(chunk)
+    elif plan.tools.legacy:
+        message = ChatMessageOut(
+            content=output.content or None,
+            function_call=FunctionCallOut(name=call.name, arguments=call.arguments),
         )
+        reason = "function_call"
+    else:
+        message = ChatMessageOut(
+            content=output.content or None,
+            tool_calls=[
+                ToolCallOut(
+                    id=new_call_id(),
+                    function=FunctionCallOut(name=call.name, arguments=call.arguments),
+                )
+            ],
+        )
+        reason = "tool_calls"
+    return ChatChoice(
+        index=index, message=message, logprobs=logprobs, finish_reason=reason
+    )
 
-    def stream_state(self, request, plan) -> _ChatStream:
-        return _ChatStream(request, plan)
 
-
-class _ChatStream(StreamState):
+class _ChatStream(StreamState[ChatCompletionRequest, ChatPlan]):
     """A streamed chat response: deltas, with ReAct output parsed as it comes."""
 
     object_name = "chat.completion.chunk"
-    prompt_param = PROMPT_PARAM
 
-    def __init__(self, request: ChatCompletionRequest, plan: ChatPlan) -> None:
-        super().__init__(request, plan)
+    def __init__(
+        self, request: ChatCompletionRequest, plan: ChatPlan, prompt_param: str
+    ) -> None:
+        super().__init__(request, plan, prompt_param)
         react = plan.react
         self.parsers = [
             ReactStreamParser(
@@ -245,13 +236,9 @@ class _ChatStream(StreamState):
         index: int,
         delta: dict[str, Any] | None = None,
         *,
-        logprobs: dict[str, Any] | None = None,
         finish: str | None = None,
     ) -> str:
-        return self.event(
-            index,
-            {"delta": delta or {}, "logprobs": logprobs, "finish_reason": finish},
-        )
+        return self.choice_event(index, {"delta": delta or {}}, finish=finish)
 
     def opening(self) -> list[str]:
         return [
@@ -259,21 +246,19 @@ class _ChatStream(StreamState):
             for index in range(len(self.finished))
         ]
 
-    def progress(self, index: int, chunk: GenerateChunk) -> list[str]:
-        tracker, parser = self.trackers[index], self.parsers[index]
-        text = tracker.delta(chunk)
-        content = parser.feed(text) if parser is not None else text
-        logprobs = None
-        if self.plan.top_logprobs is not None:
-            fresh = tracker.new_logprobs(chunk)
-            if fresh:
-                logprobs = chat_logprobs(fresh, self.plan.top_logprobs)
-        if not content and logprobs is None:
-            return []
-        return [self.delta(index, {"content": content}, logprobs=logprobs)]
+    def visible_text(self, index: int, text: str) -> str:
+        parser = self.parsers[index]
+        return parser.feed(text) if parser is not None else text
+
+    def output(self, text: str) -> dict[str, Any]:
+        return {"delta": {"content": text}}
+
+    def format_logprobs(
+        self, index: int, entries: list[TokenLogprob], top: int
+    ) -> dict[str, Any]:
+        return chat_logprobs(entries, top)
 
     def finish(self, index: int, chunk: GenerateChunk) -> list[str]:
-        self.usage.record(index, 0, chunk)
         parser = self.parsers[index]
         events = []
         call: ToolCall | None = None

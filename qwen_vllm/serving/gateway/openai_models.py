@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from qwen_vllm.serving.protocol import Usage
+
 _FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -192,12 +194,6 @@ class CompletionRequest(SamplingRequest):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
 
 
 class FunctionCallOut(BaseModel):
