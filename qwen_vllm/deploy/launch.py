@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_vllm.checkpoints.demo import DemoModelSpec
+from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.cluster import (
     ServeError,
     check_ports_free,
@@ -156,19 +157,11 @@ def read_model(settings: ServeSettings) -> ModelInfo:
             None, settings.served_model_name(), DemoModelSpec().num_attention_heads
         )
     path = Path(settings.model).expanduser().resolve()
-    hint = (
-        "pass the directory of a Qwen v1 checkpoint (HF layout, with "
-        "config.json), or omit --model to serve the demo model"
-    )
-    if not path.is_dir():
-        raise LaunchError(f"--model {settings.model}: no such directory; {hint}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise LaunchError(f"--model {settings.model}: no config.json there; {hint}")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise LaunchError(f"cannot read {config_file}: {exc}") from exc
+        config = read_config(settings.model)
+    except NotACheckpoint as exc:
+        raise LaunchError(str(exc)) from exc
+    config_file = path / "config.json"
     # The first Qwen-7B-Chat release used GPT-2 names (n_head).
     heads = config.get("num_attention_heads", config.get("n_head"))
     if not isinstance(heads, int) or heads < 1:
