@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
 from qwen_vllm.model.kv_cache import InsufficientMemory
@@ -348,13 +349,11 @@ def start(
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    if settings.model is not None and not os.path.isfile(
-        os.path.join(os.path.expanduser(settings.model), "config.json")
-    ):
-        raise ServeError(
-            f"--model {settings.model}: no config.json there; pass the directory of "
-            "a Qwen v1 checkpoint, or omit --model to serve the demo model"
-        )
+    if settings.model is not None:
+        try:
+            read_config(settings.model)
+        except NotACheckpoint as exc:
+            raise ServeError(str(exc)) from exc
     tp = settings.tensor_parallel_size
     _quiet_ray_errors()
     if settings.ray_address is None:

@@ -21,6 +21,8 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from qwen_vllm import DEMO_MODEL_NAME
+
 ENV_PREFIX = "QWEN_VLLM_"
 
 
@@ -133,8 +135,6 @@ class WorkerFields(_Settings):
     )
 
     def served_model_name(self) -> str:
-        from qwen_vllm import DEMO_MODEL_NAME
-
         if self.model_name:
             return self.model_name
         if self.model is None:

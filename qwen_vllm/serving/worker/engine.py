@@ -36,16 +36,16 @@ class RequestError(ValueError):
 def resolve_model_dir(settings: WorkerSettings) -> Path:
     """The checkpoint to serve: the given directory or the demo model."""
     from qwen_vllm.checkpoints.demo import default_demo_dir, ensure_demo_model
+    from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 
     if settings.model is None:
         return ensure_demo_model(default_demo_dir())
-    path = Path(settings.model).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {settings.model}: no config.json there; pass the directory "
-            "of a Qwen v1 checkpoint (HF layout)"
-        )
-    return path
+    try:
+        read_config(settings.model)
+    except NotACheckpoint as exc:
+        # The supervisor does not restart a worker for a missing file.
+        raise FileNotFoundError(str(exc)) from exc
+    return Path(settings.model).expanduser()
 
 
 def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
