@@ -26,7 +26,7 @@ from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
 from qwen_vllm.model.kv_cache import InsufficientMemory
-from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
+from qwen_vllm.serving.security import reachable_host, token_headers
 from qwen_vllm.serving.settings import (
     ControllerSettings,
     GatewaySettings,
@@ -57,7 +57,7 @@ class ServiceActor:
     def __init__(self, kind: str, settings: Any, env: dict[str, str]) -> None:
         os.environ.update(env)
         if kind == "worker" and not settings.worker_address:
-            host = advertised_host(settings.host, _node_ip())
+            host = reachable_host(settings.host, _node_ip())
             settings = settings.model_copy(
                 update={"worker_address": f"http://{host}:{settings.worker_port}"}
             )
@@ -114,11 +114,6 @@ def _node_ip() -> str:
         if node["NodeID"] == node_id:
             return node["NodeManagerAddress"]
     raise RuntimeError("this Ray node is missing from ray.nodes()")
-
-
-def advertised_host(bind_host: str, node_ip: str) -> str:
-    """Where others reach a service bound to bind_host on a node at node_ip."""
-    return node_ip if bind_host in ("0.0.0.0", "::") else bind_host
 
 
 def cpu_binding(worker: int, tp: int, cores: int) -> str:
@@ -393,7 +388,7 @@ def start(
     if controller.pid is None:
         raise ServeError(f"the controller actor did not start; logs: {ray_log_dir()}")
     supervisor.controller_url = settings.controller_address or (
-        f"http://{advertised_host(settings.host, controller.node_ip)}:"
+        f"http://{reachable_host(settings.host, controller.node_ip)}:"
         f"{settings.controller_port}"
     )
     shared = {"controller_address": supervisor.controller_url}
@@ -440,9 +435,7 @@ def start(
 
 def healthy_workers(supervisor: Supervisor, client: httpx.Client) -> int:
     settings = supervisor.settings
-    headers = {}
-    if settings.internal_token is not None:
-        headers[INTERNAL_TOKEN_HEADER] = settings.internal_token.get_secret_value()
+    headers = token_headers(settings.internal_token)
     try:
         reply = client.get(f"{supervisor.controller_url}/workers", headers=headers)
         reply.raise_for_status()
@@ -502,7 +495,9 @@ def status(text: str, end: str = "") -> None:
 
 
 def endpoints(settings: ServeSettings, host: str = "127.0.0.1") -> list[str]:
-    shown = host if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    shown = (
+        host if settings.host == "127.0.0.1" else reachable_host(settings.host, host)
+    )
     lines = [
         f"OpenAI API   http://{shown}:{settings.port}/v1  "
         f"(model {settings.served_model_name()!r})",

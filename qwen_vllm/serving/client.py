@@ -21,13 +21,13 @@ import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from qwen_vllm.serving.protocol import (
-    INTERNAL_TOKEN_HEADER,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
     error_chunk,
     iter_stream_chunks,
 )
+from qwen_vllm.serving.security import token_headers
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ class ControllerClient:
     ) -> None:
         self._http = http
         self._controller = controller_url.rstrip("/")
-        if isinstance(internal_token, SecretStr):
-            internal_token = internal_token.get_secret_value()
-        self._headers = (
-            {INTERNAL_TOKEN_HEADER: internal_token} if internal_token else {}
-        )
+        self._headers = token_headers(internal_token)
         self._worker_timeout = httpx.Timeout(
             request_timeout,
             connect=connect_timeout,

@@ -8,7 +8,7 @@ that FastChat peers ignore. Pure Python: imported by every service.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import IntEnum
 from typing import Literal
 
@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Workers stream JSON objects separated by NUL bytes.
 STREAM_DELIMITER = b"\0"
-# Header carrying the shared secret that guards controller and worker endpoints.
-INTERNAL_TOKEN_HEADER = "X-Qwen-Vllm-Token"
 # FastChat's conversation template for Qwen v1 chat models.
 QWEN_CONV_TEMPLATE = "qwen-7b-chat"
 
@@ -188,14 +186,39 @@ def error_chunk(code: ErrorCode, message: str) -> GenerateChunk:
     return GenerateChunk(text=message, error_code=int(code), finish_reason="error")
 
 
-async def iter_stream_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
-    """Decode a NUL-delimited JSON stream as FastChat workers produce it."""
+async def iter_stream_pieces(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The whole pieces of a NUL-delimited stream, without their delimiter.
+
+    A stream cut short mid-piece yields its tail last, for the caller to
+    reject if it is not a whole JSON object.
+    """
     buffer = b""
     async for raw in byte_chunks:
         buffer += raw
-        while (end := buffer.find(STREAM_DELIMITER)) >= 0:
-            piece, buffer = buffer[:end], buffer[end + 1 :]
+        *pieces, buffer = buffer.split(STREAM_DELIMITER)
+        for piece in pieces:
             if piece:
-                yield json.loads(piece)
+                yield piece
     if buffer.strip():
-        yield json.loads(buffer)
+        yield buffer
+
+
+async def iter_stream_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+    """Decode a NUL-delimited JSON stream as FastChat workers produce it."""
+    async for piece in iter_stream_pieces(byte_chunks):
+        yield json.loads(piece)
+
+
+def validation_problems(
+    errors: Iterable[Mapping], label: Callable[[str], str] = str
+) -> str:
+    """ "field: message; ..." for pydantic's errors; label renders a field path."""
+    return "; ".join(
+        "{}: {}".format(
+            label(
+                ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+            ),
+            error.get("msg", "invalid"),
+        )
+        for error in errors
+    )

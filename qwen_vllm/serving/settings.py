@@ -22,6 +22,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from qwen_vllm import DEMO_MODEL_NAME
+from qwen_vllm.serving.protocol import validation_problems
+from qwen_vllm.serving.security import reachable_host
 
 ENV_PREFIX = "QWEN_VLLM_"
 
@@ -72,8 +74,7 @@ class ControllerFields(_Settings):
     def controller_url(self) -> str:
         if self.controller_address:
             return self.controller_address.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.controller_port}"
+        return f"http://{reachable_host(self.host)}:{self.controller_port}"
 
 
 class WorkerFields(_Settings):
@@ -313,9 +314,8 @@ def build_settings(cls: type[S], values: dict[str, Any]) -> S:
     try:
         return cls.model_validate(_decode_env_json(cls, values))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors()
+        problems = validation_problems(
+            exc.errors(), label=lambda path: "--" + path.replace("_", "-")
         )
         raise SettingsError(problems) from exc
 
@@ -368,10 +368,3 @@ def to_strings(
         out[name] = str(value)
     return out
 
-
-def env_for(settings: _Settings, fields: Sequence[str] | None = None) -> dict[str, str]:
-    """Environment variables that reproduce these settings in another process."""
-    return {
-        ENV_PREFIX + name.upper(): value
-        for name, value in to_strings(settings, fields).items()
-    }

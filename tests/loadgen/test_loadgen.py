@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from qwen_vllm.loadgen import cli as bench_cli
+from qwen_vllm.cli import bench as bench_cli
 from qwen_vllm.loadgen.loadgen import (
     CLEAN_FAILURES,
     HUNG,

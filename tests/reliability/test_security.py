@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.gateway import create_app as create_gateway
-from qwen_vllm.serving.protocol import INTERNAL_TOKEN_HEADER
+from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import (
     ControllerSettings,
     GatewaySettings,

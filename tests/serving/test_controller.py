@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qwen_vllm.serving.controller import create_app
 from qwen_vllm.serving.protocol import (
-    INTERNAL_TOKEN_HEADER,
     QWEN_CONV_TEMPLATE,
     ErrorCode,
     WorkerStatus,
     iter_stream_chunks,
 )
+from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import ControllerSettings
 
 # Long enough that the background loop stays out of unit tests, which probe

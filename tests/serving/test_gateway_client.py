@@ -30,11 +30,11 @@ from qwen_vllm.serving.client import (
 )
 from qwen_vllm.serving.gateway import create_app
 from qwen_vllm.serving.protocol import (
-    INTERNAL_TOKEN_HEADER,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
 )
+from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from tests.serving.test_gateway import make_settings
 
 MODEL = "qwen-demo"

@@ -14,12 +14,12 @@ import uvicorn
 
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.protocol import (
-    INTERNAL_TOKEN_HEADER,
     GenerateChunk,
     GenerateParams,
     Usage,
     iter_stream_chunks,
 )
+from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import ControllerSettings, WorkerSettings
 from qwen_vllm.serving.worker.app import create_app
 from qwen_vllm.serving.worker.engine import VllmEngine

@@ -4,6 +4,6 @@ Pure control plane: nothing here imports vLLM, torch or transformers.
 """
 
 from qwen_vllm.serving.client import Backend
-from qwen_vllm.serving.gateway.app import create_app, run_gateway
+from qwen_vllm.serving.gateway.app import create_app
 
-__all__ = ["Backend", "create_app", "run_gateway"]
+__all__ = ["Backend", "create_app"]

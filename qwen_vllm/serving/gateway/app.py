@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import httpx
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -217,12 +216,3 @@ def _event_stream(stream: EventStream) -> StreamingResponse:
         background=BackgroundTask(stream.close),
     )
 
-
-def run_gateway(settings: GatewaySettings) -> None:
-    """Serve the gateway on settings.host:settings.port until interrupted."""
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-    )

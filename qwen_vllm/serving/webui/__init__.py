@@ -3,7 +3,7 @@
 Pure control plane: nothing here imports vLLM, torch or transformers.
 """
 
-from qwen_vllm.serving.webui.app import create_app, run_webui
+from qwen_vllm.serving.webui.app import create_app
 from qwen_vllm.serving.webui.session import (
     ChatOptions,
     ChatSession,
@@ -19,5 +19,4 @@ __all__ = [
     "Turn",
     "build_params",
     "create_app",
-    "run_webui",
 ]

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 import gradio as gr
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -115,12 +114,3 @@ def create_app(settings: WebUISettings, backend: Backend | None = None) -> FastA
         app.add_middleware(StripPrefixMiddleware, prefix=root_path)
     return app
 
-
-def run_webui(settings: WebUISettings) -> None:
-    """Serve the web UI on settings.host:settings.webui_port until interrupted."""
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.webui_port,
-        log_level=settings.log_level,
-    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,20 +16,20 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 import httpx
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from qwen_vllm.serving.controller import InternalTokenMiddleware
 from qwen_vllm.serving.protocol import (
-    INTERNAL_TOKEN_HEADER,
     QWEN_CONV_TEMPLATE,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
     error_chunk,
+    validation_problems,
 )
+from qwen_vllm.serving.security import guard, reachable_host, token_headers
 from qwen_vllm.serving.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -53,8 +52,7 @@ class Engine(Protocol):
 def worker_url(settings: WorkerSettings) -> str:
     if settings.worker_address:
         return settings.worker_address.rstrip("/")
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.worker_port}"
+    return f"http://{reachable_host(settings.host)}:{settings.worker_port}"
 
 
 class ControllerLink:
@@ -71,7 +69,7 @@ class ControllerLink:
         self.client = client
         self.url = worker_url(settings)
         self.model_names = [settings.served_model_name()]
-        self.headers = _token_headers(settings)
+        self.headers = token_headers(settings.internal_token)
 
     def status(self) -> dict:
         return {
@@ -144,12 +142,6 @@ async def watch_engine(engine: Engine, interval: float = 5.0) -> None:
             os._exit(1)
 
 
-def _token_headers(settings: WorkerSettings) -> dict[str, str]:
-    if settings.internal_token is None:
-        return {}
-    return {INTERNAL_TOKEN_HEADER: settings.internal_token.get_secret_value()}
-
-
 def create_app(
     settings: WorkerSettings, engine: Engine, *, register: bool = True
 ) -> FastAPI:
@@ -180,33 +172,17 @@ def create_app(
     # were aborted): the evidence a caller can check for its own request.
     recently_cancelled: collections.deque[str] = collections.deque(maxlen=32)
 
-    async def check_token(request: Request) -> None:
-        expected = settings.internal_token
-        if expected is None:
-            return
-        given = request.headers.get(INTERNAL_TOKEN_HEADER, "")
-        if not hmac.compare_digest(
-            given.encode(), expected.get_secret_value().encode()
-        ):
-            raise HTTPException(
-                status_code=401, detail="missing or wrong internal token"
-            )
-
-    guarded = [Depends(check_token)]
-    if settings.internal_token is not None:
-        # Also guards what no route dependency covers: the schema and docs
-        # pages, and unknown paths (a 401, not a 404 that maps the API).
-        app.add_middleware(
-            InternalTokenMiddleware, token=settings.internal_token.get_secret_value()
-        )
+    guard(app, settings.internal_token)
 
     async def read_params(request: Request) -> GenerateParams | GenerateChunk:
         try:
             return GenerateParams.model_validate_json(await request.body())
         except ValidationError as exc:
-            return error_chunk(ErrorCode.VALIDATION_TYPE_ERROR, _describe(exc))
+            return error_chunk(
+                ErrorCode.VALIDATION_TYPE_ERROR, validation_problems(exc.errors())
+            )
 
-    @app.post("/worker_generate_stream", dependencies=guarded)
+    @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> StreamingResponse:
         params = await read_params(request)
         served["requests"] += 1
@@ -230,7 +206,7 @@ def create_app(
 
         return StreamingResponse(body(), media_type="application/octet-stream")
 
-    @app.post("/worker_generate", dependencies=guarded)
+    @app.post("/worker_generate")
     async def generate(request: Request) -> JSONResponse:
         params = await read_params(request)
         served["requests"] += 1
@@ -241,7 +217,7 @@ def create_app(
             last = chunk
         return JSONResponse(last.model_dump(exclude_none=True))
 
-    @app.post("/worker_get_status", dependencies=guarded)
+    @app.post("/worker_get_status")
     async def get_status(request: Request) -> JSONResponse:
         try:
             await engine.check_health()
@@ -249,7 +225,7 @@ def create_app(
             return JSONResponse({"error": f"engine unhealthy: {exc}"}, 503)
         return JSONResponse(request.app.state.link.status())
 
-    @app.post("/count_token", dependencies=guarded)
+    @app.post("/count_token")
     async def count_token(request: Request) -> dict:
         body = await _json_body(request)
         prompt = body.get("prompt")
@@ -257,13 +233,13 @@ def create_app(
             return {"count": 0, "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}
         return {"count": engine.count_tokens(prompt), "error_code": 0}
 
-    @app.post("/worker_get_conv_template", dependencies=guarded)
+    @app.post("/worker_get_conv_template")
     async def get_conv_template() -> dict:
         from fastchat.conversation import get_conv_template
 
         return {"conv": jsonable_encoder(get_conv_template(QWEN_CONV_TEMPLATE))}
 
-    @app.post("/model_details", dependencies=guarded)
+    @app.post("/model_details")
     async def model_details() -> dict:
         return {"context_length": engine.context_length, "model": model_name}
 
@@ -294,9 +270,3 @@ async def _json_body(request: Request) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )

@@ -1,6 +1,6 @@
 """`qwen-vllm bench`: load-test any OpenAI-compatible streaming API.
 
-Wired into qwen_vllm.cli through add_bench_parser; everything heavy is
+Wired into the command line through add_bench_parser; everything heavy is
 imported when the command runs.
 """
 
@@ -13,6 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from qwen_vllm.cli.errors import CliError
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 # Soak runs are bounded by time; this only keeps the count bounded too.
@@ -149,7 +151,6 @@ class StatusLine:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from qwen_vllm.cli import CliError
     from qwen_vllm.loadgen import loadgen, report
     from qwen_vllm.loadgen.procs import pid_source
 

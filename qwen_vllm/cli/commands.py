@@ -13,10 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 from qwen_vllm.checkpoints.demo import DemoModelSpec
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, no traceback."""
+from qwen_vllm.cli.errors import CliError
 
 
 def _add_demo_model(sub: argparse._SubParsersAction) -> None:
@@ -175,7 +172,7 @@ def _run_chat(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from qwen_vllm.loadgen.cli import add_bench_parser
+    from qwen_vllm.cli.bench import add_bench_parser
 
     add_bench_parser(sub)
 
