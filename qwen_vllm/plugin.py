@@ -104,11 +104,11 @@ def _add_chatml_stop_ids() -> None:
         config = original(self)
         if getattr(self.hf_config, "model_type", None) != MODEL_TYPE:
             return config
-        from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
+        from qwen_vllm.chat.vocab import with_chatml_stops
 
         eos = config.get("eos_token_id")
         ids = [eos] if isinstance(eos, int) else list(eos or [])
-        config["eos_token_id"] = ids + [i for i in STOP_TOKEN_IDS if i not in ids]
+        config["eos_token_id"] = with_chatml_stops(ids)
         return config
 
     try_get_generation_config._qwen_vllm = True  # type: ignore[attr-defined]

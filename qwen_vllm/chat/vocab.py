@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 
 VOCAB_FILE_NAME = "qwen.tiktoken"
@@ -49,3 +50,10 @@ def packaged_vocab_file() -> Path:
         f"No {VOCAB_FILE_NAME} found: install the 'dashscope' package "
         "(pip install dashscope), which ships the real Qwen vocabulary."
     )
+
+
+def with_chatml_stops(ids: Iterable[int] = ()) -> list[int]:
+    """ids, then each ChatML stop id not among them: the stop ids of a
+    checkpoint's generation config, a request, or the engine's sampling."""
+    given = list(dict.fromkeys(ids))
+    return given + [i for i in STOP_TOKEN_IDS if i not in given]

@@ -18,10 +18,10 @@ from pathlib import Path
 from qwen_vllm import DEMO_MODEL_NAME
 from qwen_vllm.chat.vocab import (
     ENDOFTEXT_ID,
-    STOP_TOKEN_IDS,
     VOCAB_FILE_NAME,
     VOCAB_SIZE,
     packaged_vocab_file,
+    with_chatml_stops,
 )
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -120,7 +120,7 @@ def config_dict(spec: DemoModelSpec) -> dict:
 def generation_config_dict() -> dict:
     return {
         "chat_format": "chatml",
-        "eos_token_id": list(STOP_TOKEN_IDS),
+        "eos_token_id": with_chatml_stops(),
         "pad_token_id": ENDOFTEXT_ID,
         "max_window_size": 6144,
         "max_new_tokens": 512,

@@ -24,7 +24,7 @@ from qwen_vllm.chat.chatml import (
     DEFAULT_SYSTEM,
     build_prompt_ids,
 )
-from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
+from qwen_vllm.chat.vocab import with_chatml_stops
 
 History = list[tuple[str, str]]
 # A batch item: a query, or a (query, history) pair.
@@ -131,7 +131,7 @@ class QwenChat:
         extra_stops = values.pop("stop_token_ids", None) or []
         return SamplingParams(
             **values,
-            stop_token_ids=sorted(set(STOP_TOKEN_IDS) | set(extra_stops)),
+            stop_token_ids=with_chatml_stops(extra_stops),
             skip_special_tokens=True,
         )
 

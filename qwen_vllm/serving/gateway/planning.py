@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
+from qwen_vllm.chat.vocab import with_chatml_stops
 from qwen_vllm.serving.client import Backend, BackendError
 from qwen_vllm.serving.gateway.errors import bad_request, from_backend
 from qwen_vllm.serving.gateway.openai_models import SamplingRequest
@@ -47,7 +47,7 @@ def sampling_fields(
     """GenerateParams fields the client set; unset ones stay the worker's."""
     fields: dict[str, Any] = {
         "max_new_tokens": max_tokens,  # None: the rest of the context
-        "stop_token_ids": list(STOP_TOKEN_IDS),
+        "stop_token_ids": with_chatml_stops(),
     }
     for name in (
         "temperature",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, build_prompt_ids
-from qwen_vllm.chat.vocab import STOP_TOKEN_IDS
+from qwen_vllm.chat.vocab import with_chatml_stops
 from qwen_vllm.serving.protocol import (
     ErrorCode,
     GenerateChunk,
@@ -192,7 +192,7 @@ class VllmEngine:
                 f"tokens; the prompt has {prompt_len} tokens, so max_tokens can be "
                 f"at most {room}, not {max_tokens}.",
             )
-        stop_ids = sorted(set(STOP_TOKEN_IDS) | set(params.stop_token_ids or ()))
+        stop_ids = with_chatml_stops(params.stop_token_ids or ())
         try:
             return SamplingParams(
                 n=1,
