@@ -42,14 +42,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.loadgen.loadgen import (
-    LengthRange,
-    LoadConfig,
-    LoadGenerator,
-    RequestResult,
-    percentiles,
-)
 from qwen_vllm.loadgen.report import markdown_table, ms, plot_comparison, write_json
+from qwen_vllm.loadgen.results import RequestResult, percentiles
+from qwen_vllm.loadgen.runner import LoadGenerator
+from qwen_vllm.loadgen.workload import LengthRange, LoadConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("qwen-vllm", "vllm", "fastchat")

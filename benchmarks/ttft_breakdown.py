@@ -40,8 +40,8 @@ from serving import (  # noqa: E402  (the serving benchmark's deployment)
     status,
 )
 
-from qwen_vllm.loadgen.loadgen import percentiles  # noqa: E402
 from qwen_vllm.loadgen.report import write_json  # noqa: E402
+from qwen_vllm.loadgen.results import percentiles  # noqa: E402
 
 CALLS = ("lookup", "worker", "gateway")
 PAUSE_S = 0.1

@@ -102,7 +102,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, model: str):
-    from qwen_vllm.loadgen.loadgen import LengthRange, LoadConfig
+    from qwen_vllm.loadgen.workload import LengthRange, LoadConfig
 
     num_requests = args.num_requests
     max_duration = args.max_duration
@@ -151,15 +151,13 @@ class StatusLine:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from qwen_vllm.loadgen import loadgen, report
+    from qwen_vllm.loadgen import report, runner
     from qwen_vllm.loadgen.procs import pid_source
 
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
     try:
-        model = args.model or asyncio.run(
-            loadgen.discover_model(args.url, args.api_key)
-        )
+        model = args.model or asyncio.run(runner.discover_model(args.url, args.api_key))
     except Exception as exc:
         raise CliError(f"cannot list the models at {args.url}: {exc}") from exc
     try:
@@ -167,7 +165,7 @@ def run_bench(args: argparse.Namespace) -> None:
         watch = dict(pid_source(spec) for spec in args.watch)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    generator = loadgen.LoadGenerator(
+    generator = runner.LoadGenerator(
         config, watch=watch, sample_interval=args.sample_interval
     )
     soak_only = args.soak is not None and args.num_requests is None

@@ -1,23 +1,18 @@
-"""Process resources from /proc: resident memory, open file descriptors, and the
-process listening on a TCP port.
+"""Process resources through psutil: resident memory, open file descriptors, and
+the processes listening on a TCP port.
 
 Used by the soak mode of the load generator and by the fault-injection tests
 to find the processes of a deployment (a Ray actor is simply the process that
-listens on its service's port). Linux only; pure Python.
+listens on its service's port).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-
-PROC = Path("/proc")
-_TCP_LISTEN = "0A"
+import psutil
 
 
 @dataclass(frozen=True)
@@ -30,53 +25,27 @@ class ProcSample:
 def sample(pid: int) -> ProcSample | None:
     """Resident memory and open descriptors of pid; None once it has exited."""
     try:
-        status = (PROC / str(pid) / "status").read_text()
-        fds = len(os.listdir(PROC / str(pid) / "fd"))
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return ProcSample(pid, process.memory_info().rss, process.num_fds())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    rss = 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024  # reported in kB
-            break
-    return ProcSample(pid, rss, fds)
-
-
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            lines = (PROC / "net" / table).read_text().splitlines()[1:]
-            for line in lines:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], fields[9]
-                if state == _TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
-                    inodes.add(inode)
-    return inodes
 
 
 def listening_pids(port: int) -> list[int]:
-    """Processes holding a socket that listens on this TCP port."""
-    inodes = _listening_inodes(port)
-    if not inodes:
-        return []
-    wanted = {f"socket:[{inode}]" for inode in inodes}
-    pids = []
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:  # gone, or not ours to read
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(fd)
-            except OSError:  # closed meanwhile (the listing's own fd, at least)
-                continue
-            if link in wanted:
-                pids.append(int(entry.name))
-                break
+    """Processes listening on this TCP port (IPv4 or v6).
+
+    psutil names one process per socket: of processes sharing one listening
+    socket (forked after listen()), only one is reported.
+    """
+    pids = {
+        conn.pid
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+        and conn.laddr
+        and conn.laddr.port == port
+        and conn.pid is not None
+    }
     return sorted(pids)
 
 

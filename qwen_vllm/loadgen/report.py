@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.loadgen.loadgen import RunResult, percentiles
+from qwen_vllm.loadgen.results import RunResult, percentiles
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -17,17 +17,10 @@ import pytest
 import uvicorn
 
 from qwen_vllm.cli import bench as bench_cli
-from qwen_vllm.loadgen.loadgen import (
-    CLEAN_FAILURES,
-    HUNG,
-    LengthRange,
-    LoadConfig,
-    LoadGenerator,
-    percentiles,
-    request_specs,
-    sse_data,
-)
 from qwen_vllm.loadgen.procs import listening_pids, pid_source, sample
+from qwen_vllm.loadgen.results import CLEAN_FAILURES, HUNG, percentiles
+from qwen_vllm.loadgen.runner import LoadGenerator
+from qwen_vllm.loadgen.workload import LengthRange, LoadConfig, request_specs
 from qwen_vllm.serving.client import NoWorkerError
 from qwen_vllm.serving.gateway import create_app
 from tests.conftest import free_port
@@ -79,12 +72,57 @@ def test_percentiles_match_numpy() -> None:
     assert percentiles([])["p50"] is None
 
 
-async def test_sse_parsing_joins_multiline_data() -> None:
-    async def lines():
-        for line in ['data: {"a":', "data: 1}", "", ": comment", "data:[DONE]", ""]:
-            yield line
+SSE = "text/event-stream"
 
-    assert [d async for d in sse_data(lines())] == ['{"a":\n1}', "[DONE]"]
+
+def scripted(*chunks: bytes, content_type: str = SSE) -> LoadGenerator:
+    """A generator whose one request gets these bytes back, chunk by chunk."""
+
+    async def body():
+        for chunk in chunks:
+            yield chunk
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": content_type}
+        return httpx.Response(200, headers=headers, content=body())
+
+    return LoadGenerator(
+        config(concurrency=1, num_requests=1), transport=httpx.MockTransport(reply)
+    )
+
+
+async def test_event_streams_are_parsed_as_sse() -> None:
+    # Comments, an event without data, CRLF, chunks cut mid-line and JSON
+    # spread over several data lines (joined by newlines).
+    load = scripted(
+        b': keep-alive\r\n\r\nid: 1\r\n\r\ndata: {"choices": [{"delta": {"con',
+        b'tent": "Hi"}}]}\r\n\r\n',
+        b'data: {"choices": [{"delta": {"content": " there"},\n',
+        b'data: "finish_reason": "stop"}],\n',
+        b'data: "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n',
+        b"data:[DONE]\n\n",
+    )
+    [request] = (await load.run()).requests
+    assert request.ok, request.message
+    assert (request.output_tokens, request.prompt_tokens) == (2, 3)
+    assert request.finish_reason == "stop" and len(request.itl) == 1
+
+
+@pytest.mark.parametrize(
+    ("stream", "content_type", "kind"),
+    [
+        (b'data: {"choices": []}\n\n', SSE, "incomplete"),  # no [DONE]
+        (b'data: {"error": {"message": "boom"}}\n\n', SSE, "error_event"),
+        (b"data: not json\n\n", SSE, "bad_event"),
+        (b'{"choices": []}', "application/json", "incomplete"),  # not a stream
+    ],
+)
+async def test_bad_streams_are_classified(
+    stream: bytes, content_type: str, kind: str
+) -> None:
+    load = scripted(stream, content_type=content_type)
+    [request] = (await load.run()).requests
+    assert (request.ok, request.kind, request.status) == (False, kind, 200)
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

@@ -28,16 +28,10 @@ from typing import Any
 import httpx
 import pytest
 
-from qwen_vllm.loadgen.loadgen import (
-    CLEAN_FAILURES,
-    HUNG,
-    LengthRange,
-    LoadConfig,
-    LoadGenerator,
-    RequestResult,
-    RunResult,
-)
 from qwen_vllm.loadgen.procs import listening_pids, worker_pid
+from qwen_vllm.loadgen.results import CLEAN_FAILURES, HUNG, RequestResult, RunResult
+from qwen_vllm.loadgen.runner import LoadGenerator
+from qwen_vllm.loadgen.workload import LengthRange, LoadConfig
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.gateway import create_app as create_gateway
 from qwen_vllm.serving.settings import ControllerSettings, GatewaySettings
