@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
+from cachetools import TLRUCache, TTLCache
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from qwen_vllm.serving.protocol import (
@@ -152,10 +153,13 @@ class ControllerClient:
         )
         self._max_attempts = max(1, max_attempts)
         self._details_ttl = details_ttl
-        self._workers_ttl = workers_ttl
-        self._clock = clock
-        self._details: dict[str, tuple[float, ModelDetails]] = {}
-        self._workers: tuple[float, list[WorkerInfo]] | None = None
+        # model -> (details, seconds to keep them)
+        self._details: TLRUCache[str, tuple[ModelDetails, float]] = TLRUCache(
+            maxsize=1024, ttu=lambda _, entry, now: now + entry[1], timer=clock
+        )
+        self._workers: TTLCache[str, list[WorkerInfo]] = TTLCache(
+            maxsize=1, ttl=workers_ttl, timer=clock
+        )
 
     @classmethod
     def from_settings(cls, http: httpx.AsyncClient, settings: Any) -> ControllerClient:
@@ -196,9 +200,8 @@ class ControllerClient:
 
     async def workers(self) -> list[WorkerInfo]:
         """Every worker with its queue length and health; cached briefly."""
-        now = self._clock()
-        if self._workers is not None and now < self._workers[0]:
-            return self._workers[1]
+        if (cached := self._workers.get("all")) is not None:
+            return cached
         reply = await self._controller_call("GET", "/workers")
         raw = reply.get("workers", reply) if isinstance(reply, dict) else reply
         if isinstance(raw, dict):  # {address: {...}}
@@ -209,7 +212,7 @@ class ControllerClient:
             raise ControllerUnavailableError(
                 "The controller's worker list is malformed."
             ) from exc
-        self._workers = (now + self._workers_ttl, workers)
+        self._workers["all"] = workers
         return workers
 
     async def _controller_call(
@@ -251,10 +254,8 @@ class ControllerClient:
     ) -> AsyncIterator[GenerateChunk]:
         """Chunks of one generation; raises BackendError if none could start."""
         body = _body(model, params)
-        failed: list[str] = []
-        problem: BaseException | None = None
-        for _ in range(self._max_attempts):
-            address = await self._pick_worker(model, failed)
+        failover = _Failover(self, model)
+        async for address in failover:
             started = False
             try:
                 async with self._http.stream(
@@ -286,13 +287,8 @@ class ControllerClient:
                         ErrorCode.INTERNAL_ERROR, "The worker's stream broke off."
                     )
                     return
-                if _timed_out(exc):  # it may be working on it: do not double
-                    raise self._timeout_error() from exc
-                failed.append(address)
-                problem = exc
-        raise WorkerError(
-            f"No worker could serve {model!r} ({len(failed)} tried)."
-        ) from problem
+                failover.failed(address, exc)
+        raise failover.exhausted() from failover.problem
 
     async def generate(self, model: str, params: GenerateParams) -> GenerateChunk:
         """The whole generation in one chunk (/worker_generate)."""
@@ -308,10 +304,8 @@ class ControllerClient:
         Cached for details_ttl seconds; raises only when no worker serves the
         model at all.
         """
-        now = self._clock()
-        cached = self._details.get(model)
-        if cached is not None and now < cached[0]:
-            return cached[1]
+        if (cached := self._details.get(model)) is not None:
+            return cached[0]
         try:
             data = await self._worker_call(model, "/model_details", {"model": model})
             details = ModelDetails.model_validate(data)
@@ -322,14 +316,12 @@ class ControllerClient:
             details, ttl = ModelDetails(), min(self._details_ttl, _UNKNOWN_DETAILS_TTL)
         else:
             ttl = self._details_ttl
-        self._details[model] = (now + ttl, details)
+        self._details[model] = (details, ttl)
         return details
 
     async def _worker_call(self, model: str, path: str, body: dict[str, Any]) -> Any:
-        failed: list[str] = []
-        problem: BaseException | None = None
-        for _ in range(self._max_attempts):
-            address = await self._pick_worker(model, failed)
+        failover = _Failover(self, model)
+        async for address in failover:
             try:
                 response = await self._http.post(
                     address + path,
@@ -341,13 +333,38 @@ class ControllerClient:
                 return response.json()
             except (httpx.HTTPError, ValueError) as exc:
                 logger.warning("Worker %s failed on %s: %r", address, path, exc)
-                if _timed_out(exc):
-                    raise self._timeout_error() from exc
-                failed.append(address)
-                problem = exc
-        raise WorkerError(
-            f"No worker could serve {model!r} ({len(failed)} tried)."
-        ) from problem
+                failover.failed(address, exc)
+        raise failover.exhausted() from failover.problem
+
+
+class _Failover:
+    """The workers one request tries: after a worker fails without answering,
+    the next attempt asks the controller for another one.
+
+    A worker that accepted the request and then went silent may still be
+    working on it, so a timeout ends the request instead of doubling it.
+    """
+
+    def __init__(self, client: ControllerClient, model: str) -> None:
+        self._client = client
+        self._model = model
+        self._tried: list[str] = []
+        self.problem: BaseException | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for _ in range(self._client._max_attempts):
+            yield await self._client._pick_worker(self._model, self._tried)
+
+    def failed(self, address: str, exc: BaseException) -> None:
+        if _timed_out(exc):
+            raise self._client._timeout_error() from exc
+        self._tried.append(address)
+        self.problem = exc
+
+    def exhausted(self) -> WorkerError:
+        return WorkerError(
+            f"No worker could serve {self._model!r} ({len(self._tried)} tried)."
+        )
 
 
 def _timed_out(exc: BaseException) -> bool:
