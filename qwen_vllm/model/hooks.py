@@ -39,7 +39,7 @@ class QWenConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         _check_quantization_kernels(vllm_config)
         _check_kv_cache_kernels(vllm_config)
-        _size_cpu_kv_cache(vllm_config)
+        _size_kv_cache(vllm_config)
         hf_config = vllm_config.model_config.hf_config
         long_prompts = vllm_config.model_config.max_model_len > hf_config.seq_length
         cache = vllm_config.cache_config
@@ -99,12 +99,15 @@ def _check_kv_cache_kernels(vllm_config: VllmConfig) -> None:
         )
 
 
-def _size_cpu_kv_cache(vllm_config: VllmConfig) -> None:
-    """Size the CPU KV cache from the memory this engine can really get.
+def _size_kv_cache(vllm_config: VllmConfig) -> None:
+    """Size the KV cache (per rank) from the resolved engine config.
 
-    vLLM reserves 92% of the NUMA node and refuses to start when that much is
-    not free; see qwen_vllm/model/kv_cache.py. An explicit size (kv_cache_memory_bytes,
-    VLLM_CPU_KVCACHE_SPACE) is left alone.
+    On CPU vLLM reserves 92% of the NUMA node and refuses to start when that
+    much is not free; see qwen_vllm/model/kv_cache.py. Here the cache gets what
+    this engine can really have: its worker's share of the machine, or the size
+    the worker asked for, checked against the machine (both arrive in
+    `additional_config`). An explicit per-rank size (kv_cache_memory_bytes, or
+    VLLM_CPU_KVCACHE_SPACE without a worker's request) is left alone.
     """
     import os
 
@@ -113,12 +116,21 @@ def _size_cpu_kv_cache(vllm_config: VllmConfig) -> None:
     from qwen_vllm.model import kv_cache as memory
 
     cache = vllm_config.cache_config
-    if not current_platform.is_cpu() or cache.kv_cache_memory_bytes is not None:
+    if cache.kv_cache_memory_bytes is not None:
         return
-    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    extra = vllm_config.additional_config
+    request = (
+        extra.get(memory.WORKER_REQUEST_KEY, {}) if isinstance(extra, dict) else {}
+    )
+    requested = request.get("total_bytes")
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if not current_platform.is_cpu():
+        if requested is not None:  # on GPU vLLM measures free memory itself
+            cache.kv_cache_memory_bytes = requested // tp
+        return
+    if requested is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return
     model_config = vllm_config.model_config
-    tp = vllm_config.parallel_config.tensor_parallel_size
     model = memory.footprint(
         model_config.hf_config,
         model_config.model,
@@ -128,9 +140,14 @@ def _size_cpu_kv_cache(vllm_config: VllmConfig) -> None:
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
         ranks=tp,
     )
-    cache.kv_cache_memory_bytes = memory.cpu_kv_cache_bytes_per_rank(model)
+    cache.kv_cache_memory_bytes = memory.cpu_kv_cache_bytes_per_rank(
+        model, share=request.get("share", 1), requested_bytes=requested
+    )
     logger.info(
-        "KV cache: %s per rank, sized from this machine's available memory "
-        "(set kv_cache_memory_bytes to choose)",
+        "KV cache: %s per rank, %s",
         memory.gib(cache.kv_cache_memory_bytes),
+        "as asked"
+        if requested is not None
+        else "sized from this machine's available memory (set "
+        "kv_cache_memory_bytes to choose)",
     )

@@ -23,6 +23,9 @@ from pathlib import Path
 import psutil
 
 GiB = 1 << 30
+# The key of vLLM's `additional_config` under which a worker tells the config
+# hook its share of the machine and the KV cache it asks for (all ranks).
+WORKER_REQUEST_KEY = "qwen_vllm_kv_cache"
 # Memory an engine needs beyond weights and KV cache: torch, vLLM, compiled
 # graphs, one batch's activations. Measured (proportional set size) on the
 # CPU build serving the demo model: 0.86 GiB for the process holding the
@@ -281,3 +284,21 @@ def cpu_kv_cache_bytes_per_rank(
 ) -> int:
     """vLLM's `kv_cache_memory_bytes` (per rank) for an engine on this CPU."""
     return kv_cache_budget(model, cpu_memory(share), requested_bytes) // model.ranks
+
+
+def worker_request(share: int, total_bytes: int | None) -> dict:
+    """The `additional_config` entry a worker starts its engine with."""
+    return {WORKER_REQUEST_KEY: {"share": share, "total_bytes": total_bytes}}
+
+
+def refusal_in(exc: BaseException) -> InsufficientMemory | None:
+    """Our refusal, also when vLLM's config has wrapped it in pydantic's
+    ValidationError (the config hook runs while vLLM validates its config)."""
+    if isinstance(exc, InsufficientMemory):
+        return exc
+    errors = getattr(exc, "errors", None)
+    for error in errors() if callable(errors) else ():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InsufficientMemory):
+            return cause
+    return None

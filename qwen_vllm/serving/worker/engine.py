@@ -68,52 +68,30 @@ def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
     if settings.max_num_seqs is not None:
         args["max_num_seqs"] = settings.max_num_seqs
     args.update(settings.engine_args)
-    kv_cache = kv_cache_memory_bytes(settings, model_dir, args)
-    if kv_cache is not None:
-        args["kv_cache_memory_bytes"] = kv_cache
+    args["additional_config"] = {
+        **args.get("additional_config", {}),
+        **kv_cache_request(settings, args.pop("kv_cache_memory_bytes", None)),
+    }
     return args
 
 
-def kv_cache_memory_bytes(
-    settings: WorkerSettings, model_dir: Path, args: dict[str, Any]
-) -> int | None:
-    """vLLM's per-rank KV cache size for this worker (None: vLLM sizes it).
+def kv_cache_request(settings: WorkerSettings, per_rank_bytes: int | None) -> dict:
+    """What this worker asks of the plugin's KV cache sizing (model.hooks).
 
-    On CPU the cache is sized from this worker's share of the machine and
-    refused, with the numbers, when the model does not fit; on GPU vLLM's
-    profiling measures free device memory itself.
+    The plugin sizes the cache on the engine's resolved config: on CPU from
+    this worker's share of the machine, or the asked size checked against it;
+    on GPU vLLM's profiling measures free device memory unless a size is asked.
     """
-    from vllm.platforms import current_platform
-
     from qwen_vllm.model import kv_cache as memory
-    from qwen_vllm.model.config import QWenConfig
 
-    tp = settings.tensor_parallel_size
     # The worker's whole cache: vLLM's engine argument is per rank.
-    requested = args.get("kv_cache_memory_bytes")
-    if requested is not None:
-        requested *= tp
+    if per_rank_bytes is not None:
+        total = per_rank_bytes * settings.tensor_parallel_size
     elif settings.kv_cache_memory is not None:
-        requested = int(settings.kv_cache_memory * memory.GiB)
-    if not current_platform.is_cpu():
-        return None if requested is None else requested // tp
-    config = QWenConfig.from_pretrained(model_dir)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    model = memory.footprint(
-        config,
-        model_dir,
-        dtype=str(stored) if args["dtype"] == "auto" else args["dtype"],
-        kv_cache_dtype=args["kv_cache_dtype"],
-        max_model_len=args.get("max_model_len") or config.max_context_length,
-        # vLLM's largest CPU default; only caps the cache from above.
-        max_num_seqs=args.get("max_num_seqs") or 256 * tp,
-        ranks=tp,
-    )
-    return memory.cpu_kv_cache_bytes_per_rank(
-        model,
-        share=settings.workers_per_node,
-        requested_bytes=requested,
-    )
+        total = int(settings.kv_cache_memory * memory.GiB)
+    else:
+        total = None
+    return memory.worker_request(settings.workers_per_node, total)
 
 
 class VllmEngine:
@@ -131,9 +109,19 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_dir = resolve_model_dir(settings)
+        from qwen_vllm.model.kv_cache import refusal_in
+
         args = AsyncEngineArgs(**engine_args(settings, model_dir))
         logger.info("starting vLLM on %s", model_dir)
-        return cls(AsyncLLM.from_engine_args(args))
+        try:
+            config = args.create_engine_config()
+        except Exception as exc:
+            # A machine that cannot hold the model is refused with the
+            # numbers, as InsufficientMemory (vLLM wraps it).
+            if (refusal := refusal_in(exc)) is not None:
+                raise refusal from None
+            raise
+        return cls(AsyncLLM.from_vllm_config(config, disable_log_stats=True))
 
     def shutdown(self) -> None:
         self.llm.shutdown()
