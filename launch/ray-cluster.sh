@@ -10,11 +10,12 @@
 # `serve` runs `qwen-vllm serve --ray-address auto`: each worker's
 # tensor-parallel group is one placement group, kept on one node. The model
 # directory must exist at the same path on every node. Every command takes
-# --dry-run (check and show the plan only) and --help.
+# --dry-run (check and show the plan only) and --help; each one runs
+# `qwen-vllm launch ray-COMMAND` with the same flags.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 case "${1:-}" in
     head | worker | serve | stop) command=$1 && shift ;;
@@ -33,4 +34,6 @@ esac
 python=python3
 [ -x "$root/.venv/bin/python" ] && python=$root/.venv/bin/python
 
-exec "$python" -m qwen_vllm.deploy.launch "ray-$command" "$@"
+# `qwen-vllm launch ray-head|ray-worker|ray-serve|ray-stop` checks the plan,
+# then execs `ray start`, `qwen-vllm serve` or `ray stop`.
+exec "$python" -m qwen_vllm.cli launch "ray-$command" "$@"

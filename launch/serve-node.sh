@@ -7,8 +7,9 @@
 #   launch/serve-node.sh --model /models/Qwen-14B-Chat --tensor-parallel-size 2
 #   launch/serve-node.sh --gpus 4 --tensor-parallel-size 4 --host 0.0.0.0 --api-key KEY
 #
-# Flags are those of `qwen-vllm serve` (same names) plus --gpus N (override
-# nvidia-smi; 0: CPU), --dry-run and --json; --help lists them all.
+# This runs `qwen-vllm launch serve-node`. Flags are those of `qwen-vllm
+# serve` (same names) plus --gpus N (override nvidia-smi; 0: CPU), --dry-run
+# and --json; --help lists them all.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -16,6 +17,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=python3
 [ -x "$root/.venv/bin/python" ] && python=$root/.venv/bin/python
 
-# exec: Ctrl-C and a supervisor's SIGTERM must reach `qwen-vllm serve` itself,
-# which the launcher in turn execs after its checks.
-exec "$python" -m qwen_vllm.deploy.launch serve-node "$@"
+# `qwen-vllm launch serve-node` checks the plan, then execs `qwen-vllm serve`;
+# exec here too, so Ctrl-C and a supervisor's SIGTERM reach serve itself.
+exec "$python" -m qwen_vllm.cli launch serve-node "$@"

@@ -145,13 +145,13 @@ def _run_chat(args: argparse.Namespace) -> None:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-    if args.model is not None and not os.path.isfile(
-        os.path.join(args.model, "config.json")
-    ):
-        raise CliError(
-            f"--model {args.model}: no config.json there; pass the directory of a "
-            "Qwen v1 checkpoint, or omit --model for the demo model"
-        )
+    if args.model is not None:
+        from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
+
+        try:
+            read_config(args.model)
+        except NotACheckpoint as exc:
+            raise CliError(str(exc)) from exc
     from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
     from qwen_vllm.offline.qwen_chat import QwenChat
     from qwen_vllm.offline.terminal_chat import TerminalChat
@@ -177,12 +177,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench_parser(sub)
 
 
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    from qwen_vllm.cli.launch import add_launch_parser
+
+    add_launch_parser(sub)
+
+
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_chat,
     *(_add_service(kind) for kind in _SERVICE_HELP),
     _add_demo_model,
     _add_bench,
+    _add_launch,
 ]
 
 
@@ -202,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except CliError as exc:
-        print(f"qwen-vllm {args.command}: error: {exc}", file=sys.stderr)
+        # A command group (launch) names its subcommand too.
+        name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
+        print(f"qwen-vllm {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

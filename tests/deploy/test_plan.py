@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen_vllm.deploy import launch
-from qwen_vllm.deploy.launch import LaunchError, Machine
+from qwen_vllm.cli import build_parser, main
+from qwen_vllm.deploy import plans
+from qwen_vllm.deploy.machine import LaunchError, Machine
+from qwen_vllm.serving.settings import ServeSettings, settings_from_args
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,16 +81,21 @@ def model_dir(tmp_path) -> Path:
     return path
 
 
+def launch(*argv: str) -> int:
+    """`qwen-vllm launch ARGV...` in-process: its exit code."""
+    return main(["launch", *argv])
+
+
 def dry_run(capsys, *argv: str) -> dict:
     """`serve-node --dry-run --json` in-process: the plan, as printed."""
-    code = launch.main([*argv, "--dry-run", "--json"])
+    code = launch(*argv, "--dry-run", "--json")
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)
 
 
 def failure(capsys, *argv: str) -> str:
-    code = launch.main([*argv, "--dry-run"])
+    code = launch(*argv, "--dry-run")
     out, err = capsys.readouterr()
     assert code == 2, out
     assert err.count("\n") == 1, "one line, no traceback"
@@ -315,8 +322,8 @@ def cpu_machine(cores: int, usable: set[int] | None = None) -> Machine:
 
 
 def serve_settings(*argv: str):
-    args = launch.build_parser().parse_args(["serve-node", *argv])
-    return launch.settings_from_args(launch.ServeSettings, args, environ={})
+    args = build_parser().parse_args(["launch", "serve-node", *argv])
+    return settings_from_args(ServeSettings, args, environ={})
 
 
 def cpu_ports() -> list[str]:
@@ -332,7 +339,7 @@ def cpu_ports() -> list[str]:
 
 
 def test_cpu_plan_is_the_demo_with_tp2_one_core_per_rank():
-    plan = launch.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(2))
+    plan = plans.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(2))
     assert plan.device == "cpu"
     assert plan.model.path is None and plan.model.name == "qwen-v1-demo"
     assert plan.tensor_parallel_size == 2
@@ -348,14 +355,14 @@ def test_cpu_plan_matches_serves_core_binding():
     from qwen_vllm.deploy.cluster import cpu_binding
 
     settings = serve_settings("--num-workers", "2", *cpu_ports())
-    plan = launch.plan_serve_node(settings, cpu_machine(4))
+    plan = plans.plan_serve_node(settings, cpu_machine(4))
     assert [w.cpu_cores for w in plan.workers] == [(0, 1), (2, 3)]
     for w in plan.workers:
         assert "|".join(map(str, w.cpu_cores)) == cpu_binding(w.index, 2, 4)
 
 
 def test_one_core_means_tp1():
-    plan = launch.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(1))
+    plan = plans.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(1))
     assert plan.tensor_parallel_size == 1
     assert [w.cpu_cores for w in plan.workers] == [(0,)]
 
@@ -363,7 +370,7 @@ def test_one_core_means_tp1():
 def test_cpu_plan_needs_a_core_per_rank():
     settings = serve_settings("--tensor-parallel-size", "2", "--num-workers", "2")
     with pytest.raises(LaunchError) as err:
-        launch.plan_serve_node(settings, cpu_machine(2))
+        plans.plan_serve_node(settings, cpu_machine(2))
     assert "2 worker(s) x tensor parallel 2 need 4 CPU cores (one per rank)" in str(
         err.value
     )
@@ -372,7 +379,7 @@ def test_cpu_plan_needs_a_core_per_rank():
 
 def test_cpu_plan_refuses_cores_outside_the_affinity_mask():
     with pytest.raises(LaunchError) as err:
-        launch.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(4, {2, 3}))
+        plans.plan_serve_node(serve_settings(*cpu_ports()), cpu_machine(4, {2, 3}))
     assert "worker 0 would bind its ranks to cores 0|1" in str(err.value)
     assert "may only use cores 2-3" in str(err.value)
 
@@ -494,10 +501,10 @@ def test_exec_gets_the_printed_command_and_environment(
     monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
     argv = ["serve-node", "--gpus", "4", "--tensor-parallel-size", "2"]
     argv += ["--model", str(model_dir), "--api-key", "sk-x", *ports]
-    assert launch.main(argv) == 0
+    assert launch(*argv) == 0
     shown = capsys.readouterr().err
     ((path, command, env),) = calls
-    assert path == command[0] == launch.qwen_vllm_executable()
+    assert path == command[0] == plans.qwen_vllm_executable()
     assert " ".join(command) in shown
     assert env["QWEN_VLLM_API_KEYS"] == "sk-x"
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
@@ -507,8 +514,6 @@ def test_exec_gets_the_printed_command_and_environment(
 def test_the_command_is_accepted_by_qwen_vllm_serve(
     capsys, no_nvidia_smi, model_dir, ports
 ):
-    from qwen_vllm.cli import build_parser
-
     plan = dry_run(
         capsys,
         "serve-node",
@@ -534,7 +539,7 @@ def test_text_plan_shows_devices_ports_and_command(
     capsys, no_nvidia_smi, model_dir, ports
 ):
     argv = ["serve-node", "--gpus", "8", "--tensor-parallel-size", "2"]
-    assert launch.main([*argv, "--model", str(model_dir), *ports, "--dry-run"]) == 0
+    assert launch(*argv, "--model", str(model_dir), *ports, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "layout       4 worker(s) x tensor parallel 2 = 8 GPUs" in out
     assert "CUDA devices 6,7" in out
@@ -550,7 +555,7 @@ def test_ray_serve_places_groups_per_node(capsys, model_dir, ports):
     settings = serve_settings(
         "--model", str(model_dir), "--tensor-parallel-size", "4", *ports
     )
-    plan = launch.plan_ray_serve(settings, None, node_gpus=[8, 6])
+    plan = plans.plan_ray_serve(settings, None, node_gpus=[8, 6])
     assert len(plan.workers) == 3  # 2 groups on the 8-GPU node, 1 on the other
     assert "2 GPU(s) stay idle" in " ".join(plan.notes)
     command = list(plan.command)
@@ -563,17 +568,17 @@ def test_ray_serve_group_cannot_span_nodes(model_dir, ports):
         "--model", str(model_dir), "--tensor-parallel-size", "4", *ports
     )
     with pytest.raises(LaunchError, match="no node has 4 GPUs for one tensor"):
-        launch.plan_ray_serve(settings, None, node_gpus=[2, 2])
+        plans.plan_ray_serve(settings, None, node_gpus=[2, 2])
 
 
 def test_ray_capacity():
-    assert launch.ray_capacity([8, 8], 8) == 2
-    assert launch.ray_capacity([8, 4, 2], 4) == 3
-    assert launch.ray_capacity([2, 2], 4) == 0
+    assert plans.ray_capacity([8, 8], 8) == 2
+    assert plans.ray_capacity([8, 4, 2], 4) == 3
+    assert plans.ray_capacity([2, 2], 4) == 0
 
 
 def test_ray_serve_dry_run_with_gpu_count(capsys, model_dir, ports, monkeypatch):
-    monkeypatch.setattr(launch, "cluster_gpus", pytest.fail)  # never asks Ray
+    monkeypatch.setattr(plans, "cluster_gpus", pytest.fail)  # never asks Ray
     plan = dry_run(
         capsys,
         "ray-serve",
@@ -678,7 +683,9 @@ def test_serve_node_script_reports_errors(tmp_path, model_dir):
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("serve-node: error: --tensor-parallel-size 8 needs")
+    assert done.stderr.startswith(
+        "qwen-vllm launch serve-node: error: --tensor-parallel-size 8 needs"
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -713,10 +720,11 @@ def test_ray_cluster_script_routes_commands(tmp_path, model_dir, ports):
 def test_launcher_imports_neither_vllm_nor_torch(ports):
     code = (
         "import sys\n"
-        "from qwen_vllm.deploy import launch\n"
-        f"argv = ['serve-node', '--gpus', '2', *{ports!r}]\n"
-        "args = launch.build_parser().parse_args(argv)\n"
-        "launch.make_plan(args, environ={'PATH': ''})\n"
+        "from qwen_vllm.cli import build_parser\n"
+        "from qwen_vllm.cli.launch import make_plan\n"
+        f"argv = ['launch', 'serve-node', '--gpus', '2', *{ports!r}]\n"
+        "args = build_parser().parse_args(argv)\n"
+        "make_plan(args, environ={'PATH': ''})\n"
         "heavy = {'vllm', 'torch', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -68,6 +68,8 @@ def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     from qwen_vllm.cli import main
 
     assert main(["chat", "--model", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path)]) == 2
     assert "no config.json there" in capsys.readouterr().err
 
 

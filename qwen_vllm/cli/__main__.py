@@ -1,0 +1,3 @@
+from qwen_vllm.cli.commands import entry
+
+entry()

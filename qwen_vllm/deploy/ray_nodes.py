@@ -1,0 +1,105 @@
+"""Plans that start or stop Ray on this node: the head, a worker joining it.
+
+`ray-serve` (in plans.py) then runs the stack on the cluster they form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+
+from qwen_vllm.deploy.machine import LaunchError, Machine
+from qwen_vllm.deploy.plans import Plan, ray_executable
+
+DEFAULT_RAY_PORT = 6379
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise LaunchError(
+                f"port {port} on {host} is in use ({exc.strerror}); is a Ray head "
+                f"already running here (`ray status`)? Stop it with "
+                f"launch/ray-cluster.sh stop, or choose another {flag}"
+            ) from exc
+
+
+def _ray_resources(args: argparse.Namespace, machine: Machine) -> list[str]:
+    flags = []
+    if args.gpus is not None:
+        flags += ["--num-gpus", str(len(machine.gpu_ids))]
+    if args.node_ip_address:
+        flags += ["--node-ip-address", args.node_ip_address]
+    if args.block:
+        flags.append("--block")
+    return flags
+
+
+def plan_ray_head(args: argparse.Namespace, machine: Machine) -> Plan:
+    bind = args.node_ip_address or "0.0.0.0"
+    _check_port_free(bind, args.ray_port, "--ray-port")
+    command = [
+        ray_executable(),
+        "start",
+        "--head",
+        "--port",
+        str(args.ray_port),
+        # The dashboard would listen on every interface; serving needs none.
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        *_ray_resources(args, machine),
+    ]
+    head = f"{args.node_ip_address or '<this node IP>'}:{args.ray_port}"
+    return Plan(
+        kind="ray-head",
+        command=tuple(command),
+        notes=(
+            f"this node offers {len(machine.gpu_ids)} GPU(s) ({machine.gpu_source})",
+            f"then, on every other node: launch/ray-cluster.sh worker --address {head}",
+            "then, here: launch/ray-cluster.sh serve --model DIR "
+            "--tensor-parallel-size N --host 0.0.0.0 --api-key KEY",
+        ),
+    )
+
+
+def plan_ray_worker(args: argparse.Namespace, machine: Machine) -> Plan:
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    match = re.fullmatch(r"\[?([^\s\[\]]+?)\]?:(\d+)", address or "")
+    if not match:
+        raise LaunchError(
+            f"--address {address or '(missing)'}: give the Ray head as HOST:PORT, "
+            "as printed by launch/ray-cluster.sh head (for example "
+            f"10.0.0.1:{DEFAULT_RAY_PORT})"
+        )
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise LaunchError(
+            f"cannot reach the Ray head at {host}:{port} ({exc}); start it with "
+            "launch/ray-cluster.sh head on that node and check that this node "
+            "may connect to it (firewall, security groups)"
+        ) from exc
+    command = [
+        ray_executable(),
+        "start",
+        "--address",
+        f"{host}:{port}",
+        *_ray_resources(args, machine),
+    ]
+    return Plan(
+        kind="ray-worker",
+        command=tuple(command),
+        notes=(
+            f"this node offers {len(machine.gpu_ids)} GPU(s) ({machine.gpu_source})",
+        ),
+    )
+
+
+def plan_ray_stop() -> Plan:
+    return Plan(kind="ray-stop", command=(ray_executable(), "stop"))
