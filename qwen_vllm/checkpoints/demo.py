@@ -23,6 +23,7 @@ from qwen_vllm.chat.vocab import (
     packaged_vocab_file,
     with_chatml_stops,
 )
+from qwen_vllm.model.config import QWenConfig
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -54,13 +55,9 @@ class DemoModelSpec:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {self.dtype!r}")
         if self.weight_format not in ("safetensors", "bin"):
             raise ValueError("weight_format must be 'safetensors' or 'bin'")
-        if self.hidden_size != self.kv_channels * self.num_attention_heads:
-            raise ValueError(
-                "hidden_size must equal kv_channels * num_attention_heads "
-                f"({self.kv_channels} * {self.num_attention_heads})"
-            )
         if self.num_shards < 1:
             raise ValueError("num_shards must be at least 1")
+        QWenConfig(**config_dict(self))  # the model's own checks of the sizes
 
 
 def config_dict(spec: DemoModelSpec) -> dict:

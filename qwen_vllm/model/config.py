@@ -100,9 +100,11 @@ class QWenConfig(PretrainedConfig):
         """Raise ValueError naming a field whose value this plugin cannot serve."""
         if self.kv_channels * self.num_attention_heads != self.hidden_size:
             raise ValueError(
-                f"Qwen v1 config field 'kv_channels'={self.kv_channels} times "
-                f"num_attention_heads={self.num_attention_heads} must equal "
-                f"hidden_size={self.hidden_size}."
+                "Qwen v1 config: hidden_size must equal kv_channels * "
+                f"num_attention_heads ({self.kv_channels} * "
+                f"{self.num_attention_heads} = "
+                f"{self.kv_channels * self.num_attention_heads}), "
+                f"not {self.hidden_size}."
             )
         if self.intermediate_size % 2:
             raise ValueError(

@@ -1,8 +1,10 @@
 """Qwen v1 (QWenLMHeadModel) for vLLM's V1 engine.
 
-Module names follow the HF checkpoint (transformer.h.N.attn.c_attn, ...) so
-weights map by name; the fused c_attn and the two MLP inputs go through vLLM's
-parallel layers, which shard them per tensor-parallel rank.
+The module tree uses vLLM's names (model.layers.N.self_attn.qkv_proj, ...);
+CHECKPOINT_NAMES maps the HF checkpoint's names (transformer.h.N.attn.c_attn,
+...) onto them, and vLLM's AutoWeightsLoader fills the parameters. The fused
+qkv_proj and gate_up_proj are vLLM's parallel layers, which shard them per
+tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsQuant
-from vllm.model_executor.models.utils import make_layers, maybe_prefix
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 from qwen_vllm.model.config import QWenConfig
@@ -70,8 +76,6 @@ class QWenMLP(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        # Shard 0 is the gate (checkpoint w2), shard 1 the up projection (w1):
-        # Qwen v1 computes c_proj(w1(x) * silu(w2(x))).
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size,
             [width, width],
@@ -79,18 +83,18 @@ class QWenMLP(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
-        self.c_proj = RowParallelLinear(
+        self.down_proj = RowParallelLinear(
             width,
             hidden_size,
             bias=False,
             quant_config=quant_config,
-            prefix=f"{prefix}.c_proj",
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
-        out, _ = self.c_proj(self.act_fn(gate_up))
+        out, _ = self.down_proj(self.act_fn(gate_up))
         return out
 
 
@@ -110,20 +114,20 @@ class QWenAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.long_context = long_context
-        self.c_attn = QKVParallelLinear(
+        self.qkv_proj = QKVParallelLinear(
             hidden_size,
             head_dim,
             num_heads,
             bias=True,
             quant_config=quant_config,
-            prefix=f"{prefix}.c_attn",
+            prefix=f"{prefix}.qkv_proj",
         )
-        self.c_proj = RowParallelLinear(
+        self.o_proj = RowParallelLinear(
             num_heads * head_dim,
             hidden_size,
             bias=False,
             quant_config=quant_config,
-            prefix=f"{prefix}.c_proj",
+            prefix=f"{prefix}.o_proj",
         )
         if long_context is not None and long_context.dynamic_ntk:
             self.rotary_emb = NTKRotaryEmbedding(
@@ -145,20 +149,20 @@ class QWenAttention(nn.Module):
                     "partial_rotary_factor": rotary_pct,
                 },
             )
-        local_heads = self.c_attn.num_heads
+        local_heads = self.qkv_proj.num_heads
         self.q_size = local_heads * head_dim
         self.attn = Attention(
             local_heads,
             head_dim,
             head_dim**-0.5,
-            num_kv_heads=self.c_attn.num_kv_heads,
+            num_kv_heads=self.qkv_proj.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.c_attn(hidden)
+        qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size] * 3, dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         long_context = self.long_context
@@ -166,11 +170,11 @@ class QWenAttention(nn.Module):
             if long_context.dynamic_ntk:
                 positions = positions % long_context.span  # drop the NTK level
             q = long_context.logn(positions, q)
-        out, _ = self.c_proj(self.attn(q, k, v))
+        out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
 
-class QWenBlock(nn.Module):
+class QWenDecoderLayer(nn.Module):
     def __init__(
         self,
         config: QWenConfig,
@@ -181,8 +185,8 @@ class QWenBlock(nn.Module):
     ) -> None:
         super().__init__()
         eps = config.layer_norm_epsilon
-        self.ln_1 = RMSNorm(config.hidden_size, eps=eps)
-        self.attn = QWenAttention(
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.self_attn = QWenAttention(
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
             head_dim=config.kv_channels,
@@ -192,9 +196,9 @@ class QWenBlock(nn.Module):
             long_context=long_context,
             cache_config=cache_config,
             quant_config=quant_config,
-            prefix=f"{prefix}.attn",
+            prefix=f"{prefix}.self_attn",
         )
-        self.ln_2 = RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.mlp = QWenMLP(
             config.hidden_size,
             config.mlp_width,
@@ -210,11 +214,11 @@ class QWenBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
-            hidden = self.ln_1(hidden)
+            hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.ln_1(hidden, residual)
-        hidden = self.attn(positions, hidden)
-        hidden, residual = self.ln_2(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -230,29 +234,28 @@ class QWenModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: QWenConfig = vllm_config.model_config.hf_config
-        config.check_servable()
         cache_config = vllm_config.cache_config
         quant_config = vllm_config.quant_config
         long_context = LongContext.for_model(
             config, vllm_config.model_config.max_model_len
         )
-        self.wte = VocabParallelEmbedding(
+        self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size,
             config.hidden_size,
             quant_config=quant_config,
-            prefix=f"{prefix}.wte",
+            prefix=f"{prefix}.embed_tokens",
         )
-        _, _, self.h = make_layers(
+        _, _, self.layers = make_layers(
             config.num_hidden_layers,
-            lambda prefix: QWenBlock(
+            lambda prefix: QWenDecoderLayer(
                 config, long_context, cache_config, quant_config, prefix
             ),
-            prefix=f"{prefix}.h",
+            prefix=f"{prefix}.layers",
         )
-        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.wte(input_ids)
+        return self.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -264,22 +267,62 @@ class QWenModel(nn.Module):
         if positions.dim() == 2:
             # M-RoPE layout (dynamic NTK): identical rows, see long_context.py.
             positions = positions[0]
-        hidden = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
-        residual = None
-        for block in self.h:
-            hidden, residual = block(positions, hidden, residual)
-        hidden, _ = self.ln_f(hidden, residual)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden, residual = inputs_embeds, None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
+# The HF checkpoint's names -> this module tree's. Qwen v1 computes
+# c_proj(w1(x) * silu(w2(x))): w2 is the gate (shard 0 of gate_up_proj), w1
+# the up projection (shard 1). c_attn is q|k|v fused on disk, as qkv_proj is.
+# Substrings carry no trailing dot: vLLM maps module names (a quantization
+# config's layer list) with this mapper as well as tensor names.
+_PREFIXES = {"transformer.": "model."}
+_RENAMED = {
+    ".wte": ".embed_tokens",
+    ".h.": ".layers.",
+    ".ln_1": ".input_layernorm",
+    ".attn.c_attn": ".self_attn.qkv_proj",
+    ".attn.c_proj": ".self_attn.o_proj",
+    ".ln_2": ".post_attention_layernorm",
+    ".mlp.c_proj": ".mlp.down_proj",
+    ".ln_f": ".norm",
+}
+_STACKED = {
+    ".mlp.w2": (".mlp.gate_up_proj", 0),
+    ".mlp.w1": (".mlp.gate_up_proj", 1),
+}
+CHECKPOINT_NAMES = WeightsMapper(
+    orig_to_new_prefix=_PREFIXES,
+    orig_to_new_substr=_RENAMED,
+    orig_to_new_stacked=_STACKED,
+)
+# Tensors a checkpoint may carry that the model recomputes or does not need.
+_DROPPED = AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER
+
+
+def checkpoint_names(param_name: str) -> list[str]:
+    """The checkpoint tensors that fill one parameter (CHECKPOINT_NAMES inverted)."""
+    name = param_name
+    for ckpt, ours in _PREFIXES.items():
+        if name.startswith(ours):
+            name = ckpt + name[len(ours) :]
+    for ckpt, ours in _RENAMED.items():
+        name = name.replace(ours, ckpt, 1)
+    stacked = [
+        name.replace(fused, ckpt, 1)
+        for ckpt, (fused, _) in _STACKED.items()
+        if fused in name
+    ]
+    return stacked or [name]
+
+
 class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
-    # Checkpoint weight suffix -> (parameter suffix, shard id). c_attn is fused
-    # q|k|v on disk; shard None lets the QKV layer split it per rank.
-    stacked_params_mapping = (
-        (".attn.c_attn", ".attn.c_attn", None),
-        (".mlp.w2", ".mlp.gate_up_proj", 0),
-        (".mlp.w1", ".mlp.gate_up_proj", 1),
-    )
+    hf_to_vllm_mapper = CHECKPOINT_NAMES
     packed_modules_mapping = {"gate_up_proj": ["w2", "w1"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -287,8 +330,8 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
         config: QWenConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         self.config = config
-        self.transformer = QWenModel(
-            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer")
+        self.model = QWenModel(
+            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model")
         )
         self.lm_head = ParallelLMHead(
             config.vocab_size,
@@ -297,7 +340,7 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
             prefix=maybe_prefix(prefix, "lm_head"),
         )
         if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.max_model_len = vllm_config.model_config.max_model_len
 
@@ -310,7 +353,7 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.embed_input_ids(input_ids)
+        return self.model.embed_input_ids(input_ids)
 
     def forward(
         self,
@@ -319,77 +362,46 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.transformer(
-            input_ids, positions, intermediate_tensors, inputs_embeds
-        )
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards: dict[str, set[int | None]] = {}
-        for name, tensor in weights:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # recomputed from the config
-            if self.config.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            if name.endswith(".g_idx") and not self._wants(params, name):
-                continue  # GPTQ without act-order: vLLM needs no group index
-            for ckpt_part, param_part, shard_id in self.stacked_params_mapping:
-                if ckpt_part + "." not in name:
-                    continue
-                param_name = name.replace(ckpt_part + ".", param_part + ".")
-                param = _checkpoint_param(params, param_name, name)
-                param.weight_loader(param, tensor, shard_id)
-                shards.setdefault(param_name, set()).add(shard_id)
-                break
-            else:
-                param_name = name
-                param = _checkpoint_param(params, name, name)
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, tensor)
-            loaded.add(param_name)
-        missing = sorted(self._missing_checkpoint_names(params, loaded, shards))
+        params = dict(self.named_parameters(remove_duplicate=False))
+        seen: set[str] = set()
+        loader = AutoWeightsLoader(self)
+        loaded = loader.load_weights(
+            self._known(weights, params, seen), mapper=CHECKPOINT_NAMES
+        )
+        missing = sorted(
+            name
+            for param_name, _ in self.named_parameters()
+            for name in checkpoint_names(param_name)
+            if name not in seen
+        )
         if missing:
             raise ValueError(f"The Qwen v1 checkpoint is missing weights: {missing}")
         return loaded
 
-    def _wants(self, params: dict[str, nn.Parameter], ckpt_name: str) -> bool:
-        """Whether some parameter takes this checkpoint tensor."""
-        for ckpt_part, param_part, _ in self.stacked_params_mapping:
-            if ckpt_part + "." in ckpt_name:
-                return ckpt_name.replace(ckpt_part + ".", param_part + ".") in params
-        return ckpt_name in params
-
-    def _missing_checkpoint_names(
-        self,
+    @staticmethod
+    def _known(
+        weights: Iterable[tuple[str, torch.Tensor]],
         params: dict[str, nn.Parameter],
-        loaded: set[str],
-        shards: dict[str, set[int | None]],
-    ) -> Iterable[str]:
-        for param_name in params:
-            stacked = [
-                (ckpt_part, param_part, shard_id)
-                for ckpt_part, param_part, shard_id in self.stacked_params_mapping
-                if param_part + "." in param_name
-            ]
-            if not stacked:
-                if param_name not in loaded:
-                    yield param_name
+        seen: set[str],
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors, failing on one no parameter takes."""
+        for name, tensor in weights:
+            target = (CHECKPOINT_NAMES | _DROPPED).map_name(name)
+            if target is None:
                 continue
-            seen = shards.get(param_name, set())
-            for ckpt_part, param_part, shard_id in stacked:
-                if shard_id not in seen:
-                    yield param_name.replace(param_part + ".", ckpt_part + ".")
-
-
-def _checkpoint_param(params: dict[str, nn.Parameter], name: str, ckpt_name: str):
-    if name not in params:
-        raise ValueError(
-            f"Unexpected weight {ckpt_name!r} in the Qwen v1 checkpoint: qwen_vllm "
-            "has no parameter for it. Is this a Qwen v1 (QWenLMHeadModel) "
-            "checkpoint?"
-        )
-    return params[name]
+            if target not in params:
+                if name.endswith(".g_idx"):
+                    continue  # GPTQ without act-order: vLLM needs no group index
+                raise ValueError(
+                    f"Unexpected weight {name!r} in the Qwen v1 checkpoint: "
+                    "qwen_vllm has no parameter for it. Is this a Qwen v1 "
+                    "(QWenLMHeadModel) checkpoint?"
+                )
+            seen.add(name)
+            yield name, tensor

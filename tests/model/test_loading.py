@@ -19,22 +19,28 @@ def assert_matches_checkpoint(model, path):
     params = dict(model.named_parameters())
     layers = model.config.num_hidden_layers
     for i in range(layers):
-        p = f"transformer.h.{i}"
-        gate_up = params[f"{p}.mlp.gate_up_proj.weight"].double()
+        ours, ckpt = f"model.layers.{i}", f"transformer.h.{i}"
+        gate_up = params[f"{ours}.mlp.gate_up_proj.weight"].double()
         expected = torch.cat(
-            [weights[f"{p}.mlp.w2.weight"], weights[f"{p}.mlp.w1.weight"]]
+            [weights[f"{ckpt}.mlp.w2.weight"], weights[f"{ckpt}.mlp.w1.weight"]]
         )
-        assert torch.equal(gate_up, expected), f"{p}: gate is w2, up is w1"
-        assert torch.equal(
-            params[f"{p}.attn.c_attn.weight"].double(),
-            weights[f"{p}.attn.c_attn.weight"],
-        )
-        assert torch.equal(
-            params[f"{p}.attn.c_attn.bias"].double(), weights[f"{p}.attn.c_attn.bias"]
-        )
-        assert torch.equal(
-            params[f"{p}.mlp.c_proj.weight"].double(), weights[f"{p}.mlp.c_proj.weight"]
-        )
+        assert torch.equal(gate_up, expected), f"{ckpt}: gate is w2, up is w1"
+        for param, tensor in [
+            ("self_attn.qkv_proj.weight", "attn.c_attn.weight"),
+            ("self_attn.qkv_proj.bias", "attn.c_attn.bias"),
+            ("self_attn.o_proj.weight", "attn.c_proj.weight"),
+            ("mlp.down_proj.weight", "mlp.c_proj.weight"),
+            ("input_layernorm.weight", "ln_1.weight"),
+            ("post_attention_layernorm.weight", "ln_2.weight"),
+        ]:
+            assert torch.equal(
+                params[f"{ours}.{param}"].double(), weights[f"{ckpt}.{tensor}"]
+            ), f"{ours}.{param} is not {ckpt}.{tensor}"
+    for param, tensor in [
+        ("model.embed_tokens.weight", "transformer.wte.weight"),
+        ("model.norm.weight", "transformer.ln_f.weight"),
+    ]:
+        assert torch.equal(params[param].double(), weights[tensor]), param
     assert torch.equal(params["lm_head.weight"].double(), weights["lm_head.weight"])
 
 

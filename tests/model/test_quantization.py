@@ -42,23 +42,25 @@ def test_gptq_tensors_load_into_every_quantized_linear(load, int4_dir, monkeypat
     model = load(int4_dir, dtype="float16")
     params = dict(model.named_parameters())
     checkpoint = load_file(int4_dir / "model.safetensors")
-    p = "transformer.h.1"
+    ours, ckpt = "model.layers.1", "transformer.h.1"
     assert torch.equal(
-        params[f"{p}.attn.c_attn.qweight"], checkpoint[f"{p}.attn.c_attn.qweight"]
+        params[f"{ours}.self_attn.qkv_proj.qweight"],
+        checkpoint[f"{ckpt}.attn.c_attn.qweight"],
     )
     assert torch.equal(
-        params[f"{p}.mlp.c_proj.scales"].float(),
-        checkpoint[f"{p}.mlp.c_proj.scales"].float(),
+        params[f"{ours}.mlp.down_proj.scales"].float(),
+        checkpoint[f"{ckpt}.mlp.c_proj.scales"].float(),
     )
     # The merged gate/up layer holds w2 then w1, packed along the output dim.
-    gate_up = params[f"{p}.mlp.gate_up_proj.qweight"]
+    gate_up = params[f"{ours}.mlp.gate_up_proj.qweight"]
     expected = torch.cat(
-        [checkpoint[f"{p}.mlp.w2.qweight"], checkpoint[f"{p}.mlp.w1.qweight"]], dim=1
+        [checkpoint[f"{ckpt}.mlp.w2.qweight"], checkpoint[f"{ckpt}.mlp.w1.qweight"]],
+        dim=1,
     )
     assert torch.equal(gate_up, expected)
     assert torch.equal(
-        params[f"{p}.attn.c_attn.bias"].float(),
-        checkpoint[f"{p}.attn.c_attn.bias"].float(),
+        params[f"{ours}.self_attn.qkv_proj.bias"].float(),
+        checkpoint[f"{ckpt}.attn.c_attn.bias"].float(),
     )
 
 
