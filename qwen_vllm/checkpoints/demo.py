@@ -23,7 +23,6 @@ from qwen_vllm.chat.vocab import (
     packaged_vocab_file,
     with_chatml_stops,
 )
-from qwen_vllm.model.config import QWenConfig
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -57,7 +56,11 @@ class DemoModelSpec:
             raise ValueError("weight_format must be 'safetensors' or 'bin'")
         if self.num_shards < 1:
             raise ValueError("num_shards must be at least 1")
-        QWenConfig(**config_dict(self))  # the model's own checks of the sizes
+        # The model's own checks of the sizes. Imported here: the launcher reads
+        # the spec's sizes without loading transformers and torch.
+        from qwen_vllm.model.config import QWenConfig
+
+        QWenConfig(**config_dict(self))
 
 
 def config_dict(spec: DemoModelSpec) -> dict:
