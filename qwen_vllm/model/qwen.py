@@ -303,6 +303,7 @@ CHECKPOINT_NAMES = WeightsMapper(
 )
 # Tensors a checkpoint may carry that the model recomputes or does not need.
 _DROPPED = AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER
+_KNOWN_NAMES = CHECKPOINT_NAMES | _DROPPED
 
 
 def checkpoint_names(param_name: str) -> list[str]:
@@ -392,7 +393,7 @@ class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
     ) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors, failing on one no parameter takes."""
         for name, tensor in weights:
-            target = (CHECKPOINT_NAMES | _DROPPED).map_name(name)
+            target = _KNOWN_NAMES.map_name(name)
             if target is None:
                 continue
             if target not in params:
