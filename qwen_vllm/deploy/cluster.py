@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ import httpx
 
 from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
+from qwen_vllm.deploy.machine import bind_error
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
 from qwen_vllm.model.kv_cache import InsufficientMemory
 from qwen_vllm.serving.security import reachable_host, token_headers
@@ -124,15 +124,11 @@ def cpu_binding(worker: int, tp: int, cores: int) -> str:
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     for what, port in ports.items():
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise ServeError(
-                    f"port {port} ({what}) on {host} is in use ({exc.strerror}); "
-                    f"stop what holds it or choose another with --{what}"
-                ) from exc
+        if (problem := bind_error(host, port)) is not None:
+            raise ServeError(
+                f"port {port} ({what}) on {host} is in use ({problem}); "
+                f"stop what holds it or choose another with --{what}"
+            )
 
 
 def planned_ports(settings: ServeSettings) -> dict[str, int]:

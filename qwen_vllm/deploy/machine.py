@@ -1,4 +1,4 @@
-"""What this node offers a launch plan: its GPUs and CPU cores.
+"""What this node offers a launch plan: its GPUs, CPU cores and free ports.
 
 Also LaunchError, the one error every launch check raises: what is wrong and
 what to do about it, printed without a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,18 @@ from dataclasses import dataclass
 
 class LaunchError(Exception):
     """What is wrong and what to do about it; printed without a traceback."""
+
+
+def bind_error(host: str, port: int) -> str | None:
+    """Why `port` on `host` cannot be listened on now ("Address already in
+    use"), or None if it can."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,19 @@ import os
 import re
 import socket
 
-from qwen_vllm.deploy.machine import LaunchError, Machine
+from qwen_vllm.deploy.machine import LaunchError, Machine, bind_error
 from qwen_vllm.deploy.plans import Plan, ray_executable
 
 DEFAULT_RAY_PORT = 6379
 
 
 def _check_port_free(host: str, port: int, flag: str) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise LaunchError(
-                f"port {port} on {host} is in use ({exc.strerror}); is a Ray head "
-                f"already running here (`ray status`)? Stop it with "
-                f"launch/ray-cluster.sh stop, or choose another {flag}"
-            ) from exc
+    if (problem := bind_error(host, port)) is not None:
+        raise LaunchError(
+            f"port {port} on {host} is in use ({problem}); is a Ray head "
+            f"already running here (`ray status`)? Stop it with "
+            f"launch/ray-cluster.sh stop, or choose another {flag}"
+        )
 
 
 def _ray_resources(args: argparse.Namespace, machine: Machine) -> list[str]:

@@ -28,6 +28,8 @@ READY_TIMEOUT_S = 600.0
 SHUTDOWN_TIMEOUT_S = 30.0
 # Ray and vLLM processes may outlive their parent by a moment while exiting.
 REAP_TIMEOUT_S = 30.0
+# The ranks are named before the model loads, so they are up once it serves.
+RANKS_TIMEOUT_S = 30.0
 
 
 def proc_stat(pid: int) -> tuple[int, int, int, str] | None:
@@ -78,6 +80,57 @@ def still_running(known: dict[int, int]) -> dict[int, str]:
         if stat is not None and stat[2] == start:  # not a reused pid
             alive[pid] = cmdline(pid)
     return alive
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def tp_rank_processes() -> dict[int, int]:
+    """pid -> start time of live vLLM tensor-parallel ranks ("VLLM::Worker_TP<n>").
+
+    Ray may start its daemons detached from the serve process, so the ranks
+    are found by name (the short name or the command line, which the rank
+    rewrites): no other test serves with tensor parallel.
+    """
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        named = "Worker_TP" in process_name(pid) or "Worker_TP" in cmdline(pid)
+        stat = proc_stat(pid)
+        if named and stat is not None:
+            ranks[pid] = stat[2]
+    return ranks
+
+
+def wait_for_tp_ranks(count: int, log: Path) -> dict[int, int]:
+    """The ranks, once `count` of them are up: they name themselves after
+    joining the tensor-parallel group, which happens before the model loads."""
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while True:
+        ranks = tp_rank_processes()
+        if len(ranks) >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(ranks) != count:
+        seen = "\n".join(
+            f"{pid} {process_name(pid)!r}: {cmdline(pid)[:160]}"
+            for pid in sorted(
+                int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
+            )
+            if proc_stat(pid) is not None
+            and ("python" in cmdline(pid) or "::" in cmdline(pid))
+        )
+        raise AssertionError(
+            f"expected {count} tensor-parallel ranks, found {len(ranks)}; processes:\n"
+            f"{seen}\nlog:\n" + log.read_text(errors="replace")[-4000:]
+        )
+    return ranks
 
 
 def omp_places(pid: int) -> str | None:
@@ -168,18 +221,9 @@ def test_serve_node_demo_with_tensor_parallel_2_on_cpu(tmp_path):
         ready_s = time.monotonic() - started
 
         known = processes_of(proc.pid)
-        # Ray may start its daemons detached from the serve process, so the
-        # ranks are found by name: no other test serves with tensor parallel.
-        tp_ranks = {
-            int(entry.name): proc_stat(int(entry.name))[2]
-            for entry in Path("/proc").iterdir()
-            if entry.name.isdigit()
-            and "Worker_TP" in cmdline(int(entry.name))
-            and proc_stat(int(entry.name)) is not None
-        }
+        tp_ranks = wait_for_tp_ranks(2, log)
         known.update(tp_ranks)
         ranks = {pid: omp_places(pid) for pid in tp_ranks}
-        assert len(ranks) == 2, f"expected 2 tensor-parallel ranks: {ranks}"
         places = [p for p in ranks.values() if p is not None]
         # Best effort: vLLM may set OMP_PLACES after a rank has started, and
         # then only its own log ("local_rank=0, core ids=[0]") shows them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import free_port
 
@@ -18,10 +19,16 @@ def load():
     )
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
-    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.model_executor.model_loader.utils import (
+        initialize_model,
+        process_weights_after_loading,
+    )
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    def _load(path, dtype="float32"):
+    def _load(path, dtype="float32", *, post_process=False):
+        """post_process: also run vLLM's step after loading, as its load_model
+        does (CPU repacking, re-tying a redundant lm_head); off, the parameters
+        hold the tensors as loaded."""
         args = EngineArgs(
             model=str(path),
             dtype=dtype,
@@ -45,6 +52,10 @@ def load():
             get_model_loader(config.load_config).load_weights(
                 model, config.model_config
             )
+            if post_process:
+                process_weights_after_loading(
+                    model, config.model_config, torch.device("cpu")
+                )
         return model
 
     return _load

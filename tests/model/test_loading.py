@@ -6,6 +6,8 @@ DefaultModelLoader from checkpoints in every layout real releases use.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,3 +92,42 @@ def test_unexpected_weight_is_named(load, tmp_path):
         ValueError, match=r"Unexpected weight 'transformer\.h\.0\.attn\.k_norm"
     ):
         load(path)
+
+
+def _tie_embeddings(path):
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["tie_word_embeddings"] = True
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("lm_head", ["absent", "same values"])
+def test_tied_embeddings_share_the_input_embedding(load, tmp_path, lm_head):
+    """With tied embeddings the output projection is the input embedding,
+    whether the checkpoint leaves lm_head out or saves a copy of it."""
+    path = write_demo_model(tmp_path / "t", DemoModelSpec(dtype="float32"))
+    _tie_embeddings(path)
+    wte = load_file(path / "model.safetensors")["transformer.wte.weight"]
+    if lm_head == "absent":
+        _rewrite(path, lambda w: w.pop("lm_head.weight"))
+    else:
+        _rewrite(path, lambda w: w.update({"lm_head.weight": wte.clone()}))
+    model = load(path, post_process=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, wte)
+
+
+def test_tied_config_with_a_different_lm_head_uses_the_checkpoint(load, tmp_path):
+    """A config claiming tied embeddings next to an lm_head of other values
+    (a fine-tune that trained the head): the trained head is served, as
+    Transformers does, not silently replaced by the input embedding."""
+    path = write_demo_model(tmp_path / "t", DemoModelSpec(dtype="float32"))
+    _tie_embeddings(path)
+    weights = load_file(path / "model.safetensors")
+    head = torch.full_like(weights["lm_head.weight"], 0.5)
+    _rewrite(path, lambda w: w.update({"lm_head.weight": head}))
+    model = load(path, post_process=True)
+    assert torch.equal(model.lm_head.weight, head)
+    assert torch.equal(
+        model.model.embed_tokens.weight, weights["transformer.wte.weight"]
+    )
