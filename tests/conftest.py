@@ -95,6 +95,9 @@ class Stack:
             self.api_key,
             "--heartbeat-interval",
             "2",
+            # FastChat's own servers (tests/serving) call the controller and
+            # the workers, and send no internal token.
+            "--insecure-no-internal-token",
         ]
 
     def workers(self) -> list[dict]:

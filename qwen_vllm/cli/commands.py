@@ -82,8 +82,15 @@ def _settings(cls, args: argparse.Namespace):
 
 def _run_service(kind: str, args: argparse.Namespace) -> None:
     from qwen_vllm.deploy.runner import SERVICES, ServiceRunner, configure_logging
+    from qwen_vllm.serving.security import exposure
 
-    settings = _settings(SERVICES[kind].settings_cls, args)
+    service = SERVICES[kind]
+    settings = _settings(service.settings_cls, args)
+    exposed = exposure(kind, settings, getattr(settings, service.port_field))
+    if exposed.refusal:
+        raise CliError(exposed.refusal)
+    for warning in exposed.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     configure_logging(settings.log_level)
     try:
         ServiceRunner(kind, settings).run()

@@ -104,9 +104,10 @@ def make_plan(
         return ray_nodes.plan_ray_stop()
     if args.subcommand in ("ray-head", "ray-worker"):
         machine = detect_machine(args.gpus, environ)
+        env = os.environ if environ is None else environ
         if args.subcommand == "ray-head":
-            return ray_nodes.plan_ray_head(args, machine)
-        return ray_nodes.plan_ray_worker(args, machine)
+            return ray_nodes.plan_ray_head(args, machine, env)
+        return ray_nodes.plan_ray_worker(args, machine, env)
     try:
         settings = settings_from_args(ServeSettings, args, environ)
     except SettingsError as exc:

@@ -20,13 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.deploy.machine import bind_error
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
 from qwen_vllm.model.kv_cache import InsufficientMemory
-from qwen_vllm.serving.security import reachable_host, token_headers
+from qwen_vllm.serving.security import (
+    exposure,
+    new_secret,
+    reachable_host,
+    secret_value,
+    token_headers,
+)
 from qwen_vllm.serving.settings import (
     ControllerSettings,
     GatewaySettings,
@@ -506,11 +513,37 @@ def endpoints(settings: ServeSettings, host: str = "127.0.0.1") -> list[str]:
     return lines
 
 
+def ray_auth_env(token: SecretStr | str) -> dict[str, str]:
+    """Ray's own token authentication (Ray 2.52+), with the deployment's
+    internal token as Ray's token: no node joins and no job runs on the
+    cluster without it."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secret_value(token) or ""}
+
+
+def with_internal_token(settings: ServeSettings) -> ServeSettings:
+    """The settings with a fresh internal token when none was given (and the
+    user did not opt out): every component this run starts gets it, so the
+    deployment is closed without any setting."""
+    if settings.internal_token is not None or settings.insecure_no_internal_token:
+        return settings
+    return settings.model_copy(update={"internal_token": SecretStr(new_secret())})
+
+
 def run_serve(settings: ServeSettings) -> None:
     """Start everything, serve until Ctrl-C or SIGTERM, then stop everything.
 
     A second Ctrl-C kills at once; `qwen-vllm` then ends whatever is left.
     """
+    given = settings.internal_token is not None
+    settings = with_internal_token(settings)
+    # The local Ray takes the deployment's token as its own; a cluster joined
+    # was started with the user's (`qwen-vllm launch ray-head`).
+    ray_auth_chosen = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(os.environ)
+    ray_token = given or settings.ray_address is None
+    if settings.internal_token is not None and ray_token and not ray_auth_chosen:
+        os.environ.update(ray_auth_env(settings.internal_token))
+    for warning in exposure("serve", settings, settings.port).warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     signals = StopSignals()
     supervisor = Supervisor(settings)
     with signals.installed():

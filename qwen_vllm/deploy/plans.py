@@ -28,6 +28,7 @@ from qwen_vllm.deploy.layout import (
     read_model,
 )
 from qwen_vllm.deploy.machine import LaunchError, Machine, check_gpus_flag
+from qwen_vllm.serving.security import exposure, is_loopback
 from qwen_vllm.serving.settings import (
     ENV_PREFIX,
     ServeSettings,
@@ -50,7 +51,6 @@ ALWAYS_SHOWN = (
     "controller_port",
     "worker_port",
 )
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -241,11 +241,7 @@ def plan_serve_node(settings: ServeSettings, machine: Machine) -> Plan:
     ports = _check_ports(settings)
     secrets = secret_env(settings)
     env.update(secrets)
-    if settings.host not in LOOPBACK and not settings.api_keys:
-        notes.append(
-            f"--host {settings.host} exposes the API without --api-key: anyone "
-            "who reaches this node can use it"
-        )
+    notes.extend(exposure("serve", settings, settings.port).warnings)
     return Plan(
         kind="serve-node",
         command=tuple(serve_command(settings, _shown_fields(settings))),
@@ -341,16 +337,12 @@ def plan_ray_serve(
     )
     ports = _check_ports(settings)
     notes.append(f"ports checked free on this node ({settings.host})")
-    if settings.host in LOOPBACK:
+    if is_loopback(settings.host):
         notes.append(
             f"--host {settings.host}: services on other nodes are unreachable; "
             "use --host 0.0.0.0 when the cluster has more than this node"
         )
-    elif settings.internal_token is None:
-        notes.append(
-            "no internal token: controller and worker endpoints are open to the "
-            "network; set QWEN_VLLM_INTERNAL_TOKEN"
-        )
+    notes.extend(exposure("serve", settings, settings.port).warnings)
     secrets = secret_env(settings)
     shown = _shown_fields(settings, ["ray_address"])
     return Plan(

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
+from collections.abc import Mapping
 
+from qwen_vllm.deploy.cluster import ray_auth_env
 from qwen_vllm.deploy.machine import LaunchError, Machine, bind_error
 from qwen_vllm.deploy.plans import Plan, ray_executable
+from qwen_vllm.serving.settings import ENV_PREFIX
 
 DEFAULT_RAY_PORT = 6379
 
@@ -25,6 +27,31 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
         )
 
 
+TOKEN_ENV = ENV_PREFIX + "INTERNAL_TOKEN"
+
+
+def _ray_auth(
+    node: str, environ: Mapping[str, str]
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The environment that turns Ray's token authentication on for a node,
+    and its secret names. The deployment's internal token is Ray's token, so
+    one secret closes Ray and our services; RAY_AUTH_MODE=disabled (Ray's own
+    opt-out) leaves Ray open."""
+    if environ.get("RAY_AUTH_MODE") == "disabled":
+        return {}, ()
+    token = environ.get(TOKEN_ENV)
+    if not token:
+        raise LaunchError(
+            f"a Ray {node} without a token takes any node and runs any code "
+            f"sent to it: set {TOKEN_ENV} to a secret, the same on every node "
+            "(for example: export "
+            f"{TOKEN_ENV}=$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+            "); Ray and qwen-vllm both use it. RAY_AUTH_MODE=disabled runs Ray "
+            "open instead"
+        )
+    return ray_auth_env(token), ("RAY_AUTH_TOKEN",)
+
+
 def _ray_resources(args: argparse.Namespace, machine: Machine) -> list[str]:
     flags = []
     if args.gpus is not None:
@@ -36,9 +63,12 @@ def _ray_resources(args: argparse.Namespace, machine: Machine) -> list[str]:
     return flags
 
 
-def plan_ray_head(args: argparse.Namespace, machine: Machine) -> Plan:
+def plan_ray_head(
+    args: argparse.Namespace, machine: Machine, environ: Mapping[str, str]
+) -> Plan:
     bind = args.node_ip_address or "0.0.0.0"
     _check_port_free(bind, args.ray_port, "--ray-port")
+    env, secrets = _ray_auth("head", environ)
     command = [
         ray_executable(),
         "start",
@@ -54,6 +84,8 @@ def plan_ray_head(args: argparse.Namespace, machine: Machine) -> Plan:
     return Plan(
         kind="ray-head",
         command=tuple(command),
+        env=env,
+        secret_env=secrets,
         notes=(
             f"this node offers {len(machine.gpu_ids)} GPU(s) ({machine.gpu_source})",
             f"then, on every other node: launch/ray-cluster.sh worker --address {head}",
@@ -63,8 +95,10 @@ def plan_ray_head(args: argparse.Namespace, machine: Machine) -> Plan:
     )
 
 
-def plan_ray_worker(args: argparse.Namespace, machine: Machine) -> Plan:
-    address = args.address or os.environ.get("RAY_ADDRESS")
+def plan_ray_worker(
+    args: argparse.Namespace, machine: Machine, environ: Mapping[str, str]
+) -> Plan:
+    address = args.address or environ.get("RAY_ADDRESS")
     match = re.fullmatch(r"\[?([^\s\[\]]+?)\]?:(\d+)", address or "")
     if not match:
         raise LaunchError(
@@ -81,6 +115,7 @@ def plan_ray_worker(args: argparse.Namespace, machine: Machine) -> Plan:
             "launch/ray-cluster.sh head on that node and check that this node "
             "may connect to it (firewall, security groups)"
         ) from exc
+    env, secrets = _ray_auth("worker", environ)
     command = [
         ray_executable(),
         "start",
@@ -91,6 +126,8 @@ def plan_ray_worker(args: argparse.Namespace, machine: Machine) -> Plan:
     return Plan(
         kind="ray-worker",
         command=tuple(command),
+        env=env,
+        secret_env=secrets,
         notes=(
             f"this node offers {len(machine.gpu_ids)} GPU(s) ({machine.gpu_source})",
         ),

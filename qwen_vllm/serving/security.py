@@ -1,13 +1,20 @@
 """Who may call a service, and where others reach it.
 
 One place for the deployment's internal token (the header that carries it,
-the headers a client sends, the middleware a service checks it with) and for
-turning a bind address into the host a URL should name. Pure Python.
+the headers a client sends, the middleware a service checks it with, the
+proof a worker gives that it knows it), for what a service bound beyond
+loopback must have before it starts, and for turning a bind address into the
+host a URL should name. Pure Python.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.datastructures import Headers
@@ -16,8 +23,42 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Header carrying the shared secret that guards controller and worker endpoints.
 INTERNAL_TOKEN_HEADER = "X-Qwen-Vllm-Token"
+# A random value the controller sends with a probe, and the worker's answer:
+# HMAC-SHA256 of it under the token. Only a worker that knows the token can
+# answer, so an address registered by an impostor never passes a probe.
+CHALLENGE_HEADER = "X-Qwen-Vllm-Challenge"
+PROOF_HEADER = "X-Qwen-Vllm-Proof"
 # Bind addresses that mean "every interface": no URL can name them.
 WILDCARD_HOSTS = ("0.0.0.0", "::")
+# The opt-out of the internal token, as a flag and as a setting.
+OPEN_FLAG = "--insecure-no-internal-token"
+
+
+def new_secret() -> str:
+    """A random secret for a deployment's internal token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def is_loopback(host: str) -> bool:
+    """True when only this machine can reach an address bound to host."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def token_proof(token: str, challenge: str) -> str:
+    """What a service that knows token answers to challenge."""
+    return hmac.new(token.encode(), challenge.encode(), hashlib.sha256).hexdigest()
+
+
+def proves_token(token: str, challenge: str, proof: str | None) -> bool:
+    """True when proof is the answer to challenge under token."""
+    return proof is not None and hmac.compare_digest(
+        proof.encode(), token_proof(token, challenge).encode()
+    )
 
 
 def secret_value(secret: SecretStr | str | None) -> str | None:
@@ -60,7 +101,8 @@ class InternalTokenMiddleware:
         if scope["type"] == "http" and not (
             scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")
         ):
-            given = Headers(scope=scope).get(INTERNAL_TOKEN_HEADER, "")
+            headers = Headers(scope=scope)
+            given = headers.get(INTERNAL_TOKEN_HEADER, "")
             if not hmac.compare_digest(given.encode(), self._token):
                 response = error_response(
                     401,
@@ -69,7 +111,27 @@ class InternalTokenMiddleware:
                 )
                 await response(scope, receive, send)
                 return
+            challenge = headers.get(CHALLENGE_HEADER)
+            if challenge is not None:
+                send = self._answering(send, challenge)
         await self._app(scope, receive, send)
+
+    def _answering(self, send: Send, challenge: str) -> Send:
+        """send, with the proof of the token added to the response's headers."""
+        proof = token_proof(self._token.decode(), challenge)
+
+        async def send_with_proof(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (PROOF_HEADER.lower().encode(), proof.encode()),
+                    ],
+                }
+            await send(message)
+
+        return send_with_proof
 
 
 def guard(app: ASGIApp, token: SecretStr | str | None) -> None:
@@ -77,3 +139,50 @@ def guard(app: ASGIApp, token: SecretStr | str | None) -> None:
     value = secret_value(token)
     if value:
         app.add_middleware(InternalTokenMiddleware, token=value)
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a service bound to its host lets others do: a refusal to start
+    (what is wrong and how to fix it) or warnings to print."""
+
+    refusal: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def exposure(kind: str, settings: Any, port: int) -> Exposure:
+    """Whether `qwen-vllm <kind>` may start with these settings, and what to
+    tell its user. On loopback only this machine can call; beyond it, the
+    controller and worker endpoints (which register workers and carry every
+    prompt) need the internal token unless the user opted out by name, and an
+    API or web UI without a key or password is open to whoever reaches it."""
+    host = settings.host
+    if is_loopback(host):
+        return Exposure()
+    where = f"{host}:{port}"
+    warnings = []
+    if not secret_value(settings.internal_token):
+        if not settings.insecure_no_internal_token:
+            return Exposure(
+                refusal=f"{kind} on {where} without an internal token: anyone who "
+                "reaches it could register a worker of their own and read users' "
+                "prompts. Set QWEN_VLLM_INTERNAL_TOKEN (or --internal-token) to "
+                "the same secret in every component, or pass "
+                f"{OPEN_FLAG} to run without one (FastChat's own servers send none)"
+            )
+        warnings.append(
+            f"{OPEN_FLAG}: controller and worker endpoints behind {where} take "
+            "calls from anyone who reaches them, without a token"
+        )
+    if kind in ("gateway", "serve") and not settings.api_keys:
+        warnings.append(
+            f"no --api-key: anyone who reaches {host}:{settings.port} can use the "
+            "OpenAI API"
+        )
+    webui = kind == "webui" or (kind == "serve" and settings.webui)
+    if webui and not secret_value(settings.webui_password):
+        warnings.append(
+            f"no --webui-password: anyone who reaches "
+            f"{host}:{settings.webui_port} can use the web UI"
+        )
+    return Exposure(warnings=tuple(warnings))

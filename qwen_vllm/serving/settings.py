@@ -41,7 +41,14 @@ class _Settings(BaseSettings):
     internal_token: SecretStr | None = Field(
         None,
         description="Shared secret guarding controller and worker endpoints; "
-        "every component of one deployment must use the same value.",
+        "every component of one deployment must use the same value "
+        "(`qwen-vllm serve` makes one when none is given).",
+    )
+    insecure_no_internal_token: bool = Field(
+        False,
+        description="Run without an internal token even on a non-loopback "
+        "address, so anyone who reaches the controller or a worker can register "
+        "workers and read prompts (for FastChat's own servers, which send none).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log verbosity."
@@ -367,4 +374,3 @@ def to_strings(
             value = "true" if value else "false"
         out[name] = str(value)
     return out
-

@@ -472,8 +472,16 @@ def test_settings_validate_and_ports_line_up(docs):
 
 
 def test_gateway_and_all_components_share_the_internal_token(docs):
+    from qwen_vllm.deploy.runner import SERVICES
+    from qwen_vllm.serving.security import exposure
+
     for kind in COMPONENTS:
-        assert effective_settings(docs, kind).internal_token is not None, kind
+        settings = effective_settings(docs, kind)
+        assert settings.internal_token is not None, kind
+        # What `qwen-vllm <kind>` checks before it starts in the pod.
+        port = getattr(settings, SERVICES[kind].port_field)
+        assert settings.host == "0.0.0.0", kind
+        assert exposure(kind, settings, port).refusal is None, kind
     assert effective_settings(docs, "gateway").api_keys
 
 

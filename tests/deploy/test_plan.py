@@ -597,14 +597,35 @@ def test_ray_serve_dry_run_with_gpu_count(capsys, model_dir, ports, monkeypatch)
     assert any("same path on every node" in n for n in plan["notes"])
 
 
-def test_ray_head_plan(capsys):
+def test_ray_head_plan(capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_VLLM_INTERNAL_TOKEN", "itok-ray-plan")
     port = free_port()
     plan = dry_run(capsys, "ray-head", "--ray-port", str(port), "--gpus", "0")
+    # Ray's token authentication, with the deployment's token (not printed).
+    assert plan["env"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "<hidden>"}
     command = plan["command"]
     assert command[1:5] == ["start", "--head", "--port", str(port)]
     assert "--include-dashboard=false" in command
     assert flag(command, "--num-gpus") == "0"
     assert any("ray-cluster.sh worker --address" in n for n in plan["notes"])
+
+
+@pytest.mark.parametrize("node", ["ray-head", "ray-worker"])
+def test_a_ray_node_needs_the_token(capsys, monkeypatch, node):
+    monkeypatch.delenv("QWEN_VLLM_INTERNAL_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        args = ["--ray-port", str(free_port())] if node == "ray-head" else []
+        args += ["--address", address] if node == "ray-worker" else []
+        err = failure(capsys, node, *args)
+        assert "without a token takes any node" in err
+        assert "set QWEN_VLLM_INTERNAL_TOKEN" in err
+        # Ray's own opt-out, by name.
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        assert dry_run(capsys, node, *args)["env"] == {}
 
 
 def test_ray_head_port_in_use(capsys):
@@ -617,13 +638,15 @@ def test_ray_head_port_in_use(capsys):
     assert "launch/ray-cluster.sh stop" in err
 
 
-def test_ray_worker_plan(capsys):
+def test_ray_worker_plan(capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_VLLM_INTERNAL_TOKEN", "itok-ray-plan")
     with socket.socket() as head:
         head.bind(("127.0.0.1", 0))
         head.listen()
         address = f"127.0.0.1:{head.getsockname()[1]}"
         plan = dry_run(capsys, "ray-worker", "--address", address, "--block")
     assert plan["command"][1:] == ["start", "--address", address, "--block"]
+    assert plan["env"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "<hidden>"}
 
 
 def test_ray_worker_needs_a_reachable_head(capsys, monkeypatch):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from qwen_vllm.serving.controller import create_app
 from qwen_vllm.serving.protocol import (
@@ -26,7 +26,7 @@ from qwen_vllm.serving.protocol import (
     WorkerStatus,
     iter_stream_chunks,
 )
-from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
+from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER, guard
 from qwen_vllm.serving.settings import ControllerSettings
 
 # Long enough that the background loop stays out of unit tests, which probe
@@ -429,15 +429,11 @@ def serving(app: Any) -> Iterator[ServerThread]:
             server.stop()
 
 
-def fake_worker_app(name: str, model: str, token: str) -> FastAPI:
-    """Answers like a FastChat worker; requires the internal token."""
+def fake_worker_app(name: str, model: str, token: str | None) -> FastAPI:
+    """Answers like a FastChat worker; requires (and proves) the internal token
+    as the real worker does."""
     app = FastAPI()
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next: Any) -> Any:
-        if request.headers.get(INTERNAL_TOKEN_HEADER) != token:
-            return JSONResponse({"error": "bad token"}, status_code=401)
-        return await call_next(request)
+    guard(app, token)
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> dict[str, Any]:
@@ -518,11 +514,32 @@ async def test_dead_worker_leaves_routing_within_seconds() -> None:
             for i in range(3):
                 assert await stream_text(client, f"again{i}") == f"beta says again{i}"
 
-            # A worker refusing connections is skipped for another one at once.
+            # An address registered with a claimed status but never proving
+            # the token (nothing listens there) gets no traffic.
+            ghost = closed_port_url()
+            await register(client, ghost, status("qwen", queue_length=0))
+            assert (await workers_by_name(client))[ghost]["healthy"] is False
+            response = await client.post("/get_worker_address", json={"model": "qwen"})
+            assert response.json()["address"] == beta.url
+            assert await stream_text(client, "ghost") == "beta says ghost"
+
+
+async def test_a_worker_refusing_connections_is_skipped_at_once() -> None:
+    # Without a token (FastChat's workers) a claimed status is trusted at once.
+    settings = ControllerSettings()
+    with (
+        serving(fake_worker_app("beta", "qwen", None)) as beta,
+        serving(create_app(settings)) as controller,
+    ):
+        async with httpx.AsyncClient(
+            base_url=controller.url, timeout=10, trust_env=False
+        ) as client:
+            await register(client, beta.url, status("qwen", queue_length=1))
             ghost = closed_port_url()
             await register(client, ghost, status("qwen", queue_length=0))
             response = await client.post("/get_worker_address", json={"model": "qwen"})
             assert response.json()["address"] == ghost
+            # Picking it counted a queued request; start it from empty again.
             await client.post("/unregister_worker", json={"worker_name": ghost})
             await register(client, ghost, status("qwen", queue_length=0))
             assert await stream_text(client, "retry") == "beta says retry"

@@ -106,9 +106,14 @@ class WorkerRegistry:
         *,
         check_heart_beat: bool,
         multimodal: bool,
+        proven: bool = True,
     ) -> None:
+        """Add or refresh a worker. One not yet proven (the controller has not
+        seen it answer a probe with the internal token) gets no traffic until
+        a probe succeeds; refreshing a healthy worker keeps it healthy."""
         async with self._lock:
-            known = name in self._workers
+            previous = self._workers.get(name)
+            known = previous is not None
             self._workers[name] = WorkerInfo(
                 name=name,
                 model_names=list(status.model_names),
@@ -117,6 +122,7 @@ class WorkerRegistry:
                 multimodal=multimodal,
                 check_heart_beat=check_heart_beat,
                 last_heartbeat=self._clock(),
+                healthy=proven or (previous is not None and previous.healthy),
             )
         logger.info(
             "%s worker %s serving %s",
@@ -154,7 +160,7 @@ class WorkerRegistry:
             worker.consecutive_failures = 0
             worker.failing_since = None
         if recovered:
-            logger.info("worker %s is healthy again", name)
+            logger.info("worker %s is healthy", name)
 
     async def record_failure(self, name: str, reason: str) -> None:
         now = self._clock()

@@ -2,13 +2,15 @@
 
 Probes every worker each `health_check_interval` seconds over HTTP and proxies
 a worker's NUL-delimited stream to the caller, trying another worker when one
-refuses the connection.
+refuses the connection. With an internal token, each probe carries a fresh
+challenge, and only a worker whose answer proves the token gets traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,12 @@ from qwen_vllm.serving.protocol import (
     WorkerStatus,
     error_chunk,
     iter_stream_pieces,
+)
+from qwen_vllm.serving.security import (
+    CHALLENGE_HEADER,
+    PROOF_HEADER,
+    proves_token,
+    secret_value,
 )
 from qwen_vllm.serving.settings import ControllerSettings
 
@@ -43,6 +51,10 @@ class WorkerUnreachableError(RuntimeError):
     """A registering worker's status could not be fetched."""
 
 
+class WorkerNotProvenError(RuntimeError):
+    """A worker's answer to a probe lacked the proof of the internal token."""
+
+
 class Controller:
     """The service behind the routes: registration, health checks, dispatch."""
 
@@ -57,13 +69,28 @@ class Controller:
         self.registry = registry
         self._client = client
         self._probe = probe or self._http_probe
+        self._token = secret_value(settings.internal_token)
+        # Probes of just-registered workers, kept so they are not collected.
+        self._proving: set[asyncio.Task] = set()
         self._probe_timeout = max(settings.health_check_interval, MIN_PROBE_TIMEOUT_S)
 
     async def _http_probe(self, worker_url: str) -> WorkerStatus:
+        """The worker's status; with an internal token, only from a worker that
+        answers the probe's challenge with the proof that it knows the token."""
+        challenge = secrets.token_hex(16)
         response = await self._client.post(
-            worker_url + "/worker_get_status", timeout=self._probe_timeout
+            worker_url + "/worker_get_status",
+            headers={CHALLENGE_HEADER: challenge} if self._token else None,
+            timeout=self._probe_timeout,
         )
         response.raise_for_status()
+        if self._token and not proves_token(
+            self._token, challenge, response.headers.get(PROOF_HEADER)
+        ):
+            raise WorkerNotProvenError(
+                f"{worker_url} answered without proof of the internal token: it "
+                "is not a worker of this deployment"
+            )
         return WorkerStatus.model_validate(response.json())
 
     async def register(self, request: RegisterWorkerRequest) -> None:
@@ -78,12 +105,20 @@ class Controller:
                     f"cannot get the status of worker {request.worker_name}: "
                     f"{describe(exc)}"
                 ) from exc
+        # A status the caller sent is its claim; with a token, the worker gets
+        # traffic once a probe has seen it prove the token.
+        claimed = request.worker_status is not None
         await self.registry.register(
             request.worker_name,
             status,
             check_heart_beat=request.check_heart_beat,
             multimodal=request.multimodal,
+            proven=not (claimed and self._token),
         )
+        if claimed and self._token:
+            self._proving.add(asyncio.create_task(self._check(request.worker_name)))
+            for task in [t for t in self._proving if t.done()]:
+                self._proving.discard(task)
 
     async def check_all(self) -> None:
         """Probe every worker once, concurrently."""

@@ -215,4 +215,3 @@ def _event_stream(stream: EventStream) -> StreamingResponse:
         headers=SSE_HEADERS,
         background=BackgroundTask(stream.close),
     )
-

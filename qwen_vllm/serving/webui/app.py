@@ -113,4 +113,3 @@ def create_app(settings: WebUISettings, backend: Backend | None = None) -> FastA
     if root_path:
         app.add_middleware(StripPrefixMiddleware, prefix=root_path)
     return app
-
