@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -248,7 +250,9 @@ def impostor_app(seen: list[str]) -> FastAPI:
 
 
 @contextmanager
-def open_serve(tmp_path: Path, *extra: str) -> Iterator[dict[str, int]]:
+def open_serve(
+    tmp_path: Path, *extra: str
+) -> Iterator[tuple[dict[str, int], subprocess.Popen]]:
     ports = {name: free_port() for name in ("port", "controller", "worker")}
     command = [
         venv_bin("qwen-vllm"),
@@ -267,9 +271,9 @@ def open_serve(tmp_path: Path, *extra: str) -> Iterator[dict[str, int]]:
         *extra,
     ]
     log = tmp_path / "serve.log"
-    with running(command, f"http://127.0.0.1:{ports['port']}/health", log=log):
+    with running(command, f"http://127.0.0.1:{ports['port']}/health", log=log) as proc:
         wait_for_model(ports["port"], log)
-        yield ports
+        yield ports, proc
 
 
 def wait_for_model(port: int, log: Path, timeout: float = 600.0) -> None:
@@ -290,7 +294,10 @@ def test_an_impostor_worker_gets_no_prompt(tmp_path: Path, token: str) -> None:
         ["--internal-token", "itok-user-chosen-8d2f"] if token != "none given" else []
     )
     seen: list[str] = []
-    with open_serve(tmp_path, *extra) as ports, serving(impostor_app(seen)) as impostor:
+    with (
+        open_serve(tmp_path, *extra) as (ports, serve),
+        serving(impostor_app(seen)) as impostor,
+    ):
         controller = f"http://127.0.0.1:{ports['controller']}"
         claim = {
             "worker_name": impostor.url,
@@ -338,6 +345,56 @@ def test_an_impostor_worker_gets_no_prompt(tmp_path: Path, token: str) -> None:
             .message.content
             for i in range(CHATS)
         ]
+        ray_refuses_a_stranger(serve.pid, tmp_path)
     assert len(answers) == CHATS
     assert "impostor" not in answers
     assert seen == [], f"the impostor was called: {seen}"
+
+
+def gcs_port(serve_pid: int) -> int:
+    """The port of the Ray GCS that `qwen-vllm serve` started."""
+    for child in psutil.Process(serve_pid).children(recursive=True):
+        if child.name() == "gcs_server":
+            return next(
+                c.laddr.port
+                for c in child.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            )
+    raise AssertionError("no gcs_server among the serve process's descendants")
+
+
+def ray_refuses_a_stranger(serve_pid: int, tmp_path: Path) -> None:
+    """A Ray driver without the token (and no token file in its home) is
+    turned away by the GCS: the cluster runs nobody else's code."""
+    home = tmp_path / "stranger"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    script = (
+        "import ray; "
+        f"ray.init(address='127.0.0.1:{gcs_port(serve_pid)}', log_to_driver=False); "
+        "print('CONNECTED', flush=True)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    refused = "Authentication token is missing or incorrect"
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process exits
+            lines.append(line)
+            if refused in line or "CONNECTED" in line or time.monotonic() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = "".join(lines)
+    assert "CONNECTED" not in output
+    assert refused in output, output[-3000:]
