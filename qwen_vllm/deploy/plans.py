@@ -241,7 +241,7 @@ def plan_serve_node(settings: ServeSettings, machine: Machine) -> Plan:
     ports = _check_ports(settings)
     secrets = secret_env(settings)
     env.update(secrets)
-    notes.extend(exposure("serve", settings, settings.port).warnings)
+    notes.extend(exposure("serve", settings, settings.controller_port).warnings)
     return Plan(
         kind="serve-node",
         command=tuple(serve_command(settings, _shown_fields(settings))),
@@ -342,7 +342,7 @@ def plan_ray_serve(
             f"--host {settings.host}: services on other nodes are unreachable; "
             "use --host 0.0.0.0 when the cluster has more than this node"
         )
-    notes.extend(exposure("serve", settings, settings.port).warnings)
+    notes.extend(exposure("serve", settings, settings.controller_port).warnings)
     secrets = secret_env(settings)
     shown = _shown_fields(settings, ["ray_address"])
     return Plan(

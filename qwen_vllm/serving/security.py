@@ -155,7 +155,8 @@ def exposure(kind: str, settings: Any, port: int) -> Exposure:
     tell its user. On loopback only this machine can call; beyond it, the
     controller and worker endpoints (which register workers and carry every
     prompt) need the internal token unless the user opted out by name, and an
-    API or web UI without a key or password is open to whoever reaches it."""
+    API or web UI without a key or password is open to whoever reaches it.
+    port: the service's own port (for serve, the controller's), for messages."""
     host = settings.host
     if is_loopback(host):
         return Exposure()
@@ -164,9 +165,10 @@ def exposure(kind: str, settings: Any, port: int) -> Exposure:
     if not secret_value(settings.internal_token):
         if not settings.insecure_no_internal_token:
             return Exposure(
-                refusal=f"{kind} on {where} without an internal token: anyone who "
-                "reaches it could register a worker of their own and read users' "
-                "prompts. Set QWEN_VLLM_INTERNAL_TOKEN (or --internal-token) to "
+                refusal=f"{kind} on {where} without an internal token: in a "
+                "deployment without one, anyone who reaches its controller can "
+                "register a worker of their own and read users' prompts. Set "
+                "QWEN_VLLM_INTERNAL_TOKEN (or --internal-token) to "
                 "the same secret in every component, or pass "
                 f"{OPEN_FLAG} to run without one (FastChat's own servers send none)"
             )
