@@ -30,6 +30,36 @@ def wait_for_http(
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def wait_for_model(
+    gateway: str,
+    model: str,
+    api_key: str,
+    proc: subprocess.Popen,
+    log: Path,
+    timeout: float = 600.0,
+) -> None:
+    """Wait until the gateway at `gateway` lists `model` (its worker is up)."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{proc.args[0]} exited with {proc.returncode} before serving:\n"
+                + log.read_text(errors="replace")[-4000:]
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            reply = httpx.get(f"{gateway}/v1/models", headers=headers, timeout=5)
+            if reply.status_code == 200 and model in [
+                m["id"] for m in reply.json()["data"]
+            ]:
+                return
+        time.sleep(2)
+    raise AssertionError(
+        f"no model served within {timeout:.0f} s:\n"
+        + log.read_text(errors="replace")[-4000:]
+    )
+
+
 @contextlib.contextmanager
 def running(
     cmd: Sequence[str],

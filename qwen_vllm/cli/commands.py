@@ -89,8 +89,7 @@ def _run_service(kind: str, args: argparse.Namespace) -> None:
     exposed = exposure(kind, settings, getattr(settings, service.port_field))
     if exposed.refusal:
         raise CliError(exposed.refusal)
-    for warning in exposed.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    exposed.print_warnings()
     configure_logging(settings.log_level)
     try:
         ServiceRunner(kind, settings).run()

@@ -542,8 +542,7 @@ def run_serve(settings: ServeSettings) -> None:
     ray_token = given or settings.ray_address is None
     if settings.internal_token is not None and ray_token and not ray_auth_chosen:
         os.environ.update(ray_auth_env(settings.internal_token))
-    for warning in exposure("serve", settings, settings.controller_port).warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    exposure("serve", settings, settings.controller_port).print_warnings()
     signals = StopSignals()
     supervisor = Supervisor(settings)
     with signals.installed():

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,11 @@ class Exposure:
     refusal: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
+    def print_warnings(self) -> None:
+        """On the terminal (stderr), where the user starting the service sees them."""
+        for warning in self.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+
 
 def exposure(kind: str, settings: Any, port: int) -> Exposure:
     """Whether `qwen-vllm <kind>` may start with these settings, and what to
@@ -161,21 +167,23 @@ def exposure(kind: str, settings: Any, port: int) -> Exposure:
     if is_loopback(host):
         return Exposure()
     where = f"{host}:{port}"
+    refusal = None
     warnings = []
     if not secret_value(settings.internal_token):
-        if not settings.insecure_no_internal_token:
-            return Exposure(
-                refusal=f"{kind} on {where} without an internal token: in a "
+        if settings.insecure_no_internal_token:
+            warnings.append(
+                f"{OPEN_FLAG}: controller and worker endpoints behind {where} "
+                "take calls from anyone who reaches them, without a token"
+            )
+        else:
+            refusal = (
+                f"{kind} on {where} without an internal token: in a "
                 "deployment without one, anyone who reaches its controller can "
                 "register a worker of their own and read users' prompts. Set "
                 "QWEN_VLLM_INTERNAL_TOKEN (or --internal-token) to "
                 "the same secret in every component, or pass "
                 f"{OPEN_FLAG} to run without one (FastChat's own servers send none)"
             )
-        warnings.append(
-            f"{OPEN_FLAG}: controller and worker endpoints behind {where} take "
-            "calls from anyone who reaches them, without a token"
-        )
     if kind in ("gateway", "serve") and not settings.api_keys:
         warnings.append(
             f"no --api-key: anyone who reaches {host}:{settings.port} can use the "
@@ -187,4 +195,4 @@ def exposure(kind: str, settings: Any, port: int) -> Exposure:
             f"no --webui-password: anyone who reaches "
             f"{host}:{settings.webui_port} can use the web UI"
         )
-    return Exposure(warnings=tuple(warnings))
+    return Exposure(refusal=refusal, warnings=tuple(warnings))

@@ -494,6 +494,23 @@ def test_secrets_go_to_the_environment_not_the_command(
     assert "--no-webui" in plan["command"]
 
 
+def test_an_open_network_plan_says_who_can_use_it(
+    capsys, no_nvidia_smi, model_dir, ports
+):
+    # No token given (serve makes one per run), no API key, no web UI password.
+    argv = ["serve-node", "--gpus", "1", "--model", str(model_dir)]
+    plan = dry_run(capsys, *argv, "--host", "0.0.0.0", *ports)
+    port = flag(plan["command"], "--port")
+    assert (
+        f"no --api-key: anyone who reaches 0.0.0.0:{port} can use the OpenAI API"
+        in plan["notes"]
+    )
+    assert any(
+        n.startswith("no --webui-password: anyone who reaches") for n in plan["notes"]
+    )
+    assert not any("--api-key" in n for n in dry_run(capsys, *argv, *ports)["notes"])
+
+
 def test_exec_gets_the_printed_command_and_environment(
     capsys, no_nvidia_smi, model_dir, ports, monkeypatch
 ):

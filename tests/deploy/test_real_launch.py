@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.servers import wait_for_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_NODE = ROOT / "launch" / "serve-node.sh"
@@ -144,28 +144,6 @@ def omp_places(pid: int) -> str | None:
     return None
 
 
-def wait_for_model(url: str, proc: subprocess.Popen, log: Path) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"serve-node.sh exited with {proc.returncode} before serving:\n"
-                + log.read_text(errors="replace")[-4000:]
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
-            if reply.status_code == 200 and MODEL in [
-                m["id"] for m in reply.json()["data"]
-            ]:
-                return
-        time.sleep(2)
-    raise AssertionError(
-        f"no model served within {READY_TIMEOUT_S:.0f} s:\n"
-        + log.read_text(errors="replace")[-4000:]
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(READY_TIMEOUT_S + 300)
 def test_serve_node_demo_with_tensor_parallel_2_on_cpu(tmp_path):
@@ -217,7 +195,7 @@ def test_serve_node_demo_with_tensor_parallel_2_on_cpu(tmp_path):
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_model(url, proc, log)
+        wait_for_model(url, MODEL, API_KEY, proc, log, READY_TIMEOUT_S)
         ready_s = time.monotonic() - started
 
         known = processes_of(proc.pid)

@@ -45,7 +45,7 @@ from qwen_vllm.serving.settings import (
     WorkerSettings,
 )
 from tests.conftest import free_port
-from tests.servers import running, venv_bin
+from tests.servers import running, venv_bin, wait_for_model
 from tests.serving.test_controller import serving
 
 API_KEY = "sk-user-open-net"
@@ -272,19 +272,9 @@ def open_serve(
     ]
     log = tmp_path / "serve.log"
     with running(command, f"http://127.0.0.1:{ports['port']}/health", log=log) as proc:
-        wait_for_model(ports["port"], log)
+        gateway = f"http://127.0.0.1:{ports['port']}"
+        wait_for_model(gateway, MODEL, API_KEY, proc, log)
         yield ports, proc
-
-
-def wait_for_model(port: int, log: Path, timeout: float = 600.0) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers)
-        if reply.status_code == 200 and reply.json()["data"]:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(log.read_text(errors="replace")[-3000:])
 
 
 @pytest.mark.slow

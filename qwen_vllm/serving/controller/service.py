@@ -107,18 +107,18 @@ class Controller:
                 ) from exc
         # A status the caller sent is its claim; with a token, the worker gets
         # traffic once a probe has seen it prove the token.
-        claimed = request.worker_status is not None
+        unproven = request.worker_status is not None and bool(self._token)
         await self.registry.register(
             request.worker_name,
             status,
             check_heart_beat=request.check_heart_beat,
             multimodal=request.multimodal,
-            proven=not (claimed and self._token),
+            proven=not unproven,
         )
-        if claimed and self._token:
-            self._proving.add(asyncio.create_task(self._check(request.worker_name)))
-            for task in [t for t in self._proving if t.done()]:
-                self._proving.discard(task)
+        if unproven:
+            task = asyncio.create_task(self._check(request.worker_name))
+            self._proving.add(task)
+            task.add_done_callback(self._proving.discard)
 
     async def check_all(self) -> None:
         """Probe every worker once, concurrently."""
