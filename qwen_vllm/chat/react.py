@@ -120,10 +120,13 @@ class ReactStreamEnd:
     output: ReactOutput  # the same as parse_react_output() of the whole text
 
 
-def tools_instruction(
-    tools: Sequence[ToolSpec], *, forced_tool: str | None = None, required: bool = False
-) -> str:
-    """The tool block and ReAct instructions placed before the user's question."""
+def tools_instruction(tools: Sequence[ToolSpec]) -> str:
+    """The tool block and ReAct instructions placed before the user's question.
+
+    The same for every tool_choice: which tools may be called is enforced by
+    the output constraint (qwen_vllm.chat.constraints), not by extra words
+    in a prompt Qwen was not trained on.
+    """
     descriptions = "\n\n".join(_describe(tool) for tool in tools)
     names = ", ".join(tool.name for tool in tools)
     lines = [
@@ -145,13 +148,6 @@ def tools_instruction(
         "Final Answer: the final answer to the original input question",
         "",
     ]
-    if forced_tool is not None:
-        lines += [
-            f"You must use {forced_tool}: your first Action is {forced_tool}.",
-            "",
-        ]
-    elif required:
-        lines += ["You must use at least one tool before the Final Answer.", ""]
     lines.append("Begin!")
     return "\n".join(lines)
 
@@ -171,9 +167,6 @@ def _describe(tool: ToolSpec) -> str:
 def build_react_prompt(
     messages: Iterable[Mapping[str, Any]],
     tools: Sequence[ToolSpec] = (),
-    *,
-    forced_tool: str | None = None,
-    required: bool = False,
 ) -> ReactPrompt:
     """Rewrite OpenAI chat messages (with tool calls and results) for the worker.
 
@@ -239,9 +232,7 @@ def build_react_prompt(
                 "Tools need a user message to put the question in.", "messages"
             )
         question = out[users[-1]]
-        instruction = tools_instruction(
-            tools, forced_tool=forced_tool, required=required
-        )
+        instruction = tools_instruction(tools)
         question["content"] = (
             f"{instruction}\n\nQuestion: {_strip(question['content'])}"
         )

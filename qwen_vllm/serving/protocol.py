@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,6 +113,10 @@ class GenerateParams(_Message):
     # Leave the last (assistant) message open for the model to continue, as
     # ReAct tool results need ("...\nObservation: ...\nThought:").
     continue_final_message: bool = False
+    # Extension: a constraint on the output, as the keyword arguments of
+    # vLLM's StructuredOutputsParams (the gateway sends a "structural_tag"
+    # built by qwen_vllm.chat.constraints).
+    structured_outputs: dict[str, Any] | None = None
     use_beam_search: bool | None = None
     best_of: int | None = None
 

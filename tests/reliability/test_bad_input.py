@@ -464,7 +464,7 @@ async def test_odd_but_valid_tool_schemas_are_accepted(
     app: Any, backend: FakeBackend
 ) -> None:
     deep: dict[str, Any] = {"type": "string"}
-    for _ in range(200):
+    for _ in range(31):  # 62 levels: within vLLM's bound of 64
         deep = {"type": "object", "properties": {"inner": deep}}
     odd = [
         _tool({}),
@@ -488,6 +488,89 @@ async def test_odd_but_valid_tool_schemas_are_accepted(
             response = await client.post(CHAT, json=chat(tools=[tool]))
             assert response.status_code == 200, response.text[:300]
     assert len(backend.calls) == len(odd)
+
+
+def _answer_schema(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param", "words"),
+    [
+        ({"type": "xml"}, "response_format.type", ()),
+        ({"type": "json_schema"}, "response_format", ("json_schema",)),
+        (
+            {"type": "json_object", "json_schema": {"name": "a"}},
+            "response_format",
+            ("json_schema",),
+        ),
+        (_answer_schema({"type": "strnig"}), "response_format.json_schema.schema", ()),
+        (
+            _answer_schema({"type": "object", "properties": {"n": {"minimum": "1"}}}),
+            "response_format.json_schema.schema",
+            ("minimum",),
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}},
+            "response_format.json_schema.name",
+            (),
+        ),
+    ],
+)
+async def test_response_formats_that_cannot_be_followed(
+    app: Any,
+    backend: FakeBackend,
+    response_format: dict[str, Any],
+    param: str,
+    words: tuple[str, ...],
+) -> None:
+    async with http_client(app) as client:
+        answers = [
+            await client.post(CHAT, json=chat(response_format=response_format)),
+            await client.post(
+                COMPLETIONS,
+                json={
+                    "model": MODEL,
+                    "prompt": "Hi",
+                    "response_format": response_format,
+                },
+            ),
+        ]
+    for response in answers:
+        error = check(response, 400, *words)
+        assert error["param"] == param, error
+    assert not backend.calls
+
+
+async def test_schemas_nested_beyond_vllms_bound_are_400(
+    app: Any, backend: FakeBackend
+) -> None:
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"inner": deep}}
+    async with http_client(app) as client:
+        tool = await client.post(CHAT, json=chat(tools=[_tool(deep)]))
+        answer = await client.post(
+            CHAT, json=chat(response_format=_answer_schema(deep))
+        )
+    assert check(tool, 400, "nested too deeply")["param"] == (
+        "tools[0].function.parameters"
+    )
+    assert check(answer, 400, "nested too deeply")["param"] == (
+        "response_format.json_schema.schema"
+    )
+    assert not backend.calls
+
+
+async def test_tool_parameters_must_be_valid_json_schema(
+    app: Any, backend: FakeBackend
+) -> None:
+    tool = _tool({"type": "object", "properties": {"n": {"type": "integr"}}})
+    async with http_client(app) as client:
+        response = await client.post(CHAT, json=chat(tools=[tool]))
+    error = check(response, 400, "not a valid JSON Schema")
+    assert error["param"] == "tools[0].function.parameters", error
+    assert not backend.calls
 
 
 async def test_wrong_methods_and_paths_are_openai_errors(app: Any) -> None:

@@ -33,6 +33,7 @@ from qwen_vllm.serving.protocol import (
     Usage,
 )
 from qwen_vllm.serving.settings import GatewaySettings, build_settings
+from tests.constraint_check import accepts
 
 MODEL = "qwen-demo"
 KEY = "sk-test-key-1"
@@ -699,7 +700,8 @@ async def test_legacy_functions(
             finish = c.finish_reason or finish
     assert (name, finish) == ("get_weather", "function_call")
     assert json.loads(arguments) == {"city": "Paris"}
-    assert "You must use get_weather" in (backend.calls[1].messages or [])[-1].content
+    assert "You must" not in (backend.calls[1].messages or [])[-1].content
+    assert accepts(backend.calls[1].structured_outputs, CALL_REPLY)
 
     followup = await client.chat.completions.create(
         model=MODEL,
@@ -748,5 +750,10 @@ async def test_tool_choice_none_and_named(
     )
     assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
     prompt = backend.calls[1].messages[-1].content
-    assert "[get_weather]" in prompt and "get_time" not in prompt
-    assert "You must use get_weather" in prompt
+    # Qwen's prompt lists every tool; the constraint allows only the named one.
+    assert "[get_weather, get_time]" in prompt and "You must" not in prompt
+    constraint = backend.calls[1].structured_outputs
+    assert accepts(constraint, CALL_REPLY)
+    assert not accepts(constraint, "Thought: t\nAction: get_time\nAction Input: {}")
+    assert not accepts(constraint, "Thought: t\nFinal Answer: 42")
+    assert backend.calls[0].structured_outputs is None

@@ -10,10 +10,11 @@ whole or while streaming.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE
+from qwen_vllm.chat.constraints import ANY_TEXT, react_format
 from qwen_vllm.chat.react import (
     ReactFormatError,
     ReactOutput,
@@ -42,8 +43,10 @@ from qwen_vllm.serving.gateway.openai_models import (
 )
 from qwen_vllm.serving.gateway.planning import (
     Plan,
+    answer_format,
     check_limits,
     choice_params,
+    constrained,
     sampling_fields,
     usable_context,
 )
@@ -55,10 +58,24 @@ from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams, Usage
 
 @dataclass(frozen=True)
 class ToolPlan:
-    tools: list[ToolSpec]  # offered to the model; empty: no ReAct prompt
-    forced: str | None = None
-    required: bool = False
+    tools: list[ToolSpec]  # described in the prompt; empty: no ReAct prompt
+    # May be called: all tools, or the one tool_choice names.
+    callable: list[ToolSpec] = field(default_factory=list)
+    # "auto": a final answer instead of a call is allowed.
+    answer_allowed: bool = True
     legacy: bool = False  # answer with `function_call`, not `tool_calls`
+
+    def constraint(
+        self, answer: dict[str, Any] | None, continues_thought: bool
+    ) -> dict[str, Any] | None:
+        """The output format: a ReAct step with tools, else the answer's."""
+        if not self.callable:
+            return answer
+        return react_format(
+            self.callable,
+            answer=(answer or ANY_TEXT) if self.answer_allowed else None,
+            continues_thought=continues_thought,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,13 +111,14 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     if not specs:
         raise bad_request(f"{param} {choice!r} needs tools to choose from.", param)
     if choice == "auto":
-        return ToolPlan(specs, legacy=legacy)
+        return ToolPlan(specs, specs, legacy=legacy)
     if choice == "required":
-        return ToolPlan(specs, required=True, legacy=legacy)
+        return ToolPlan(specs, specs, answer_allowed=False, legacy=legacy)
     name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
     if name not in names:
         raise bad_request(f"{param} names {name!r}, which is not a tool.", param)
-    return ToolPlan([s for s in specs if s.name == name], forced=name, legacy=legacy)
+    named = [s for s in specs if s.name == name]
+    return ToolPlan(specs, named, answer_allowed=False, legacy=legacy)
 
 
 def new_call_id() -> str:
@@ -125,9 +143,7 @@ class ChatService(
         tools = plan_tools(request)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
-            react = build_react_prompt(
-                messages, tools.tools, forced_tool=tools.forced, required=tools.required
-            )
+            react = build_react_prompt(messages, tools.tools)
         except ReactFormatError as exc:
             raise bad_request(str(exc), exc.param) from exc
         context = await usable_context(
@@ -146,6 +162,9 @@ class ChatService(
         fields = sampling_fields(request, max_tokens, stop, top_logprobs)
         if react.continue_final_message:
             fields["continue_final_message"] = True
+        output = tools.constraint(answer_format(request), react.continue_final_message)
+        if output is not None:
+            fields["structured_outputs"] = constrained(output)
         base = GenerateParams(
             model=request.model,
             messages=react.messages,

@@ -24,8 +24,10 @@ from qwen_vllm.serving.gateway.openai_models import (
 )
 from qwen_vllm.serving.gateway.planning import (
     Plan,
+    answer_format,
     check_limits,
     choice_params,
+    constrained,
     sampling_fields,
     usable_context,
 )
@@ -56,6 +58,8 @@ class CompletionService(
         )
         # Always sent: FastChat's workers echo unless told not to.
         fields["echo"] = request.echo
+        if (output := answer_format(request)) is not None:
+            fields["structured_outputs"] = constrained(output)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         prompts = request.prompts()
         params: list[GenerateParams] = []

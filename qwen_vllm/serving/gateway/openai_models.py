@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -52,6 +53,72 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# vLLM's bound on the nesting of a structured-output schema
+# (MAX_STRUCTURED_OUTPUT_JSON_NESTING); the constraint adds its own levels
+# within the extra vLLM allows a structural tag.
+MAX_SCHEMA_NESTING = 64
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in `value` nest more than `limit` levels
+    below it (iterative: the depth is the client's choice)."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit + 1):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def checked_json_schema(schema: Any) -> Any:
+    """`schema` if it is a valid JSON Schema (by its own $schema draft)."""
+    if _nests_deeper(schema, MAX_SCHEMA_NESTING - 1):  # as vLLM counts
+        raise ValueError(
+            "the JSON Schema is nested too deeply: objects and arrays may nest "
+            f"at most {MAX_SCHEMA_NESTING} levels"
+        )
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "".join(f"[{p!r}]" for p in exc.absolute_path)
+        at = f" at {where}" if where else ""
+        raise ValueError(f"not a valid JSON Schema: {exc.message}{at}") from None
+    return schema
+
+
+class JSONSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    # The answer follows the schema whether or not strict is set.
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any] | bool) -> dict[str, Any] | bool:
+        return checked_json_schema(schema)
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError(
+                "json_schema is required with type 'json_schema' and only then"
+            )
+        return self
+
+
 class SamplingRequest(_Body):
     """Fields chat and completions share."""
 
@@ -83,6 +150,7 @@ class SamplingRequest(_Body):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -152,7 +220,7 @@ class FunctionDefinition(_Body):
             isinstance(r, str) for r in required
         ):
             raise ValueError("'required' must be a list of property names")
-        return schema
+        return checked_json_schema(schema)
 
 
 class ToolDefinition(_Body):
@@ -175,6 +243,9 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
+    # ReAct calls one tool per turn: a response has at most one tool call,
+    # which is what both values allow.
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from qwen_vllm.chat.constraints import json_format, structural_tag
 from qwen_vllm.chat.vocab import with_chatml_stops
 from qwen_vllm.serving.client import Backend, BackendError
 from qwen_vllm.serving.gateway.errors import bad_request, from_backend
@@ -66,6 +67,21 @@ def sampling_fields(
     if logprobs is not None:
         fields["logprobs"] = logprobs
     return fields
+
+
+def answer_format(request: SamplingRequest) -> dict[str, Any] | None:
+    """The constraint response_format puts on the answer; None: free text."""
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.json_schema is None:  # json_object
+        return json_format()
+    return json_format(response_format.json_schema.schema_)
+
+
+def constrained(format: dict[str, Any]) -> dict[str, Any]:
+    """GenerateParams.structured_outputs for an output format."""
+    return {"structural_tag": structural_tag(format)}
 
 
 def check_limits(

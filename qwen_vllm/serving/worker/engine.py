@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,6 +184,7 @@ class VllmEngine:
             )
         stop_ids = with_chatml_stops(params.stop_token_ids or ())
         try:
+            structured = _structured_outputs(params.structured_outputs)
             return SamplingParams(
                 n=1,
                 temperature=params.temperature,
@@ -197,11 +200,14 @@ class VllmEngine:
                 logprobs=params.logprobs,
                 prompt_logprobs=params.logprobs if _echoes(params) else None,
                 skip_special_tokens=True,
+                structured_outputs=structured,
             )
-        except (ValueError, VLLMValidationError) as exc:
+        except (ValueError, TypeError, VLLMValidationError) as exc:
             raise RequestError(ErrorCode.PARAM_OUT_OF_RANGE, str(exc)) from exc
 
     async def generate(self, params: GenerateParams) -> AsyncIterator[GenerateChunk]:
+        from vllm.exceptions import VLLMClientError
+
         try:
             prompt_ids = self.prompt_ids(params)
             sampling = self.sampling_params(params, len(prompt_ids))
@@ -235,6 +241,9 @@ class VllmEngine:
                 )
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        except (ValueError, VLLMClientError) as exc:  # vLLM's checks of the request
+            logger.warning("vLLM refused request %s: %s", request_id, exc)
+            yield error_chunk(ErrorCode.PARAM_OUT_OF_RANGE, str(exc))
         except Exception as exc:  # the engine died or rejected the request
             logger.exception("generation failed for request %s", request_id)
             yield error_chunk(ErrorCode.INTERNAL_ERROR, f"generation failed: {exc}")
@@ -243,6 +252,34 @@ class VllmEngine:
             await stream.aclose()
             if not finished:
                 await self.llm.abort(request_id)
+
+
+def _structured_outputs(fields: dict[str, Any] | None):
+    """vLLM's StructuredOutputsParams, a structural tag checked by xgrammar
+    first: vLLM's own check says only that the tag is invalid, not why."""
+    if fields is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    tag = fields.get("structural_tag")
+    if tag is not None:
+        _check_structural_tag(tag)
+    return StructuredOutputsParams(**fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_structural_tag(tag: str) -> None:
+    import xgrammar
+
+    try:
+        xgrammar.Grammar.from_structural_tag(tag)
+    except Exception as exc:
+        # xgrammar's messages start with a time and a source location.
+        reason = _XGRAMMAR_PREFIX.sub("", str(exc).strip())
+        raise ValueError(f"Invalid output constraint: {reason}") from None
+
+
+_XGRAMMAR_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
 
 
 def _echoes(params: GenerateParams) -> bool:

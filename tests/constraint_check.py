@@ -1,0 +1,13 @@
+"""Does an output constraint accept a text? Asked of xgrammar itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xgrammar
+from xgrammar.testing import _is_grammar_accept_string
+
+
+def accepts(structured_outputs: dict[str, Any], text: str) -> bool:
+    grammar = xgrammar.Grammar.from_structural_tag(structured_outputs["structural_tag"])
+    return _is_grammar_accept_string(grammar, text)
