@@ -246,6 +246,9 @@ def deployment(
                 "--no-webui",
                 "--log-level",
                 "warning",
+                # FastChat's API server and benchmarks/ttft_breakdown.py call
+                # the controller and the worker, and send no internal token.
+                "--insecure-no-internal-token",
             ],
             f"http://127.0.0.1:{ports['gateway']}/health",
             logs / "qwen-vllm.log",

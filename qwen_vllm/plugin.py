@@ -74,6 +74,16 @@ def _register_model() -> None:
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     _add_chatml_stop_ids()
     _render_chat_to_token_ids()
+    _register_tool_parser()
+
+
+def _register_tool_parser() -> None:
+    # `vllm serve --enable-auto-tool-choice --tool-call-parser qwen-react`
+    from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
+
+    ToolParserManager.register_lazy_module(
+        "qwen-react", "qwen_vllm.model.tool_parser", "QwenReactToolParser"
+    )
 
 
 def _render_chat_to_token_ids() -> None:

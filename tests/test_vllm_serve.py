@@ -51,6 +51,10 @@ def server(demo_dir, tmp_path_factory):
         "--max-model-len",
         "1024",
         "--enforce-eager",
+        # Qwen's ReAct tool calls, as the README tells users to serve them.
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "qwen-react",
     ]
     log = tmp_path_factory.mktemp("logs") / "vllm-serve.log"
     with running(cmd, f"http://127.0.0.1:{port}/health", log=log, timeout=300):
@@ -115,3 +119,134 @@ def test_without_the_stop_token_generation_runs_to_max_tokens(server):
     )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 12
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city"],
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+SCHEMAS = {
+    "get_weather": WEATHER["function"]["parameters"],
+    "get_time": {"type": "object", "properties": {}, "additionalProperties": False},
+}
+
+
+def _check_call(call, allowed):
+    import jsonschema
+
+    assert call.function.name in allowed, call
+    jsonschema.validate(
+        json.loads(call.function.arguments), SCHEMAS[call.function.name]
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "allowed", "finish"),
+    [
+        ("required", {"get_weather", "get_time"}, "tool_calls"),
+        # vLLM answers a named tool_choice with "stop", as OpenAI does.
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, "stop"),
+    ],
+)
+def test_qwen_react_tool_calls_always_parse(server, tool_choice, allowed, finish):
+    client, model = server
+    for seed in range(6):
+        choice = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[WEATHER, CLOCK],
+            tool_choice=tool_choice,
+            max_tokens=640,
+            seed=seed,
+        ).choices[0]
+        assert choice.finish_reason == finish, choice
+        (call,) = choice.message.tool_calls
+        _check_call(call, allowed)
+
+
+def test_qwen_react_prompt_and_auto_answers(server):
+    client, model = server
+    plain = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+    )
+    calls = 0
+    for seed in range(8):
+        answer = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hi"}],
+            tools=[WEATHER, CLOCK],
+            max_tokens=640,
+            seed=seed,
+        )
+        # The ReAct tool block is in the prompt.
+        assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 100
+        choice = answer.choices[0]
+        if choice.message.tool_calls:
+            (call,) = choice.message.tool_calls
+            _check_call(call, {"get_weather", "get_time"})
+            calls += 1
+        else:
+            assert "Action Input:" not in (choice.message.content or "")
+    assert calls > 0
+
+
+def test_qwen_react_streamed_call_equals_the_whole_one(server):
+    client, model = server
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER, CLOCK],
+        "tool_choice": "required",
+        "max_tokens": 640,
+        "temperature": 0,
+    }
+    (whole,) = client.chat.completions.create(**request).choices[0].message.tool_calls
+    name, arguments, finish = None, "", None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                name = call.function.name or name
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert (name, arguments) == (whole.function.name, whole.function.arguments)
+    assert finish == "tool_calls"
+
+
+def test_qwen_react_continues_after_a_tool_result(server):
+    client, model = server
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": "{}"},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Noon"},
+        ],
+        tools=[WEATHER, CLOCK],
+        tool_choice="required",
+        max_tokens=640,
+        seed=1,
+    ).choices[0]
+    (call,) = answer.message.tool_calls
+    _check_call(call, {"get_weather", "get_time"})

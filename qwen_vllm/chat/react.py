@@ -83,6 +83,11 @@ class ToolSpec:
             parameters=function.get("parameters"),
         )
 
+    @classmethod
+    def from_tool(cls, tool: Mapping[str, Any]) -> ToolSpec:
+        """From an OpenAI tool (`tools[]`) or function definition."""
+        return cls.from_function(tool.get("function") or tool)
+
 
 @dataclass(frozen=True)
 class ToolCall:

@@ -317,9 +317,10 @@ class QWenTokenizer(TokenizersBackend):
 
         Text goes through encode_plain and control tokens are inserted as ids,
         so typed ``<|im_end|>`` stays text. ``max_window_size`` trims old turns
-        like Qwen's make_context (off by default). Tools, documents and
-        template variables are ignored: the ReAct layer renders tools into the
-        messages beforehand.
+        like Qwen's make_context (off by default). Tools are written into
+        Qwen's ReAct prompt (chat.react), tool calls and results into its
+        transcript, which continues after a result; documents and template
+        variables are ignored.
         """
         template = self.get_chat_template(chat_template, tools)
         if template != chatml.CHAT_TEMPLATE or return_assistant_tokens_mask:
@@ -348,6 +349,11 @@ class QWenTokenizer(TokenizersBackend):
             )
         batched = bool(conversation) and not isinstance(conversation[0], Mapping)
         conversations = conversation if batched else [conversation]
+        if tools:
+            conversations, continue_final_message = _with_react_tools(
+                conversations, tools, continue_final_message
+            )
+            add_generation_prompt = add_generation_prompt and not continue_final_message
         if not tokenize:
             texts = [
                 chatml.render_prompt(
@@ -397,3 +403,15 @@ class QWenTokenizer(TokenizersBackend):
         if os.path.abspath(self.vocab_file) != os.path.abspath(target):
             shutil.copyfile(self.vocab_file, target)
         return (target,)
+
+
+def _with_react_tools(
+    conversations: list[Any], tools: list[Any], continue_final_message: bool
+) -> tuple[list[Any], bool]:
+    """Conversations rewritten for ReAct with `tools` (OpenAI definitions)."""
+    from qwen_vllm.chat.react import ToolSpec, build_react_prompt
+
+    specs = [ToolSpec.from_tool(tool) for tool in tools]
+    prompts = [build_react_prompt(messages, specs) for messages in conversations]
+    continues = any(prompt.continue_final_message for prompt in prompts)
+    return [p.messages for p in prompts], continue_final_message or continues

@@ -397,3 +397,36 @@ def test_conversion_cache(tmp_path, monkeypatch, qwen_reference):
     monkeypatch.setattr(qwen_tokenizer, "build_backend", no_build)
     reloaded = qwen_tokenizer.load_backend(vocab_file)
     assert reloaded.encode(text).ids == qwen_reference.encode(text)
+
+
+def test_chat_template_with_tools_writes_qwens_react_transcript(tokenizer):
+    tool = {
+        "type": "function",
+        "function": {"name": "get_time", "description": "The time now."},
+    }
+    asked = [{"role": "user", "content": "Time?"}]
+    text = tokenizer.apply_chat_template(
+        asked, tools=[tool], add_generation_prompt=True, tokenize=False
+    )
+    assert "get_time: Call this tool to interact with the get_time API." in text
+    assert text.endswith("Begin!\n\nQuestion: Time?<|im_end|>\n<|im_start|>assistant\n")
+    # After a tool result the assistant turn stays open at "Thought:", as
+    # Qwen continues it, even though vLLM asks for a generation prompt.
+    called = [
+        *asked,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+            ],
+        },
+        {"role": "tool", "content": "Noon"},
+    ]
+    text = tokenizer.apply_chat_template(
+        called, tools=[tool], add_generation_prompt=True, tokenize=False
+    )
+    assert text.endswith(
+        "<|im_start|>assistant\nThought: I should use get_time.\nAction: get_time\n"
+        "Action Input: {}\nObservation: Noon\nThought:"
+    )

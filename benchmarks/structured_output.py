@@ -1,0 +1,234 @@
+"""Constrained against free decoding: what an output constraint costs.
+
+On one `qwen-vllm serve` deployment (the serving benchmark's checkpoint and
+engine flags), streams 32 chat requests at 8 concurrent clients per mode,
+every answer exactly MAX_TOKENS tokens long (the constraints below never
+finish sooner), modes in a rotating order each round:
+
+  free         no constraint (the baseline)
+  json         response_format json_schema, one schema (compiled once, cached)
+  json-new     a schema never seen before on every request (compiled each time)
+  tool         tool_choice "required": a ReAct thought, then an action
+
+and reports output tokens/s, median and p90 time to first token, and each
+mode's ratio to `free` measured in the same rounds. Goal: >= 0.8x throughput.
+
+    .venv/bin/python benchmarks/structured_output.py            # 3 rounds, ~3 min
+    .venv/bin/python benchmarks/structured_output.py --rounds 1
+
+Writes benchmarks/results/structured_output.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving import (  # noqa: E402  (the serving benchmark's deployment)
+    MODEL_NAME,
+    RESULTS,
+    checkpoint,
+    deployment,
+    machine,
+    status,
+)
+
+from qwen_vllm.loadgen.report import write_json  # noqa: E402
+
+MODES = ("free", "json", "json-new", "tool")
+BASELINE = "free"
+REQUESTS = 32
+CONCURRENCY = 8
+MAX_TOKENS = 64
+GOAL_THROUGHPUT_RATIO = 0.8
+# 40 numbers never fit in MAX_TOKENS tokens: every answer is cut at the limit.
+LONG_ARRAY = {"type": "array", "items": {"type": "integer"}, "minItems": 40}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+_fresh = itertools.count()
+
+
+def request_fields(mode: str) -> dict[str, Any]:
+    if mode == "free":
+        return {}
+    if mode == "tool":
+        return {"tools": TOOLS, "tool_choice": "required"}
+    schema = LONG_ARRAY
+    if mode == "json-new":  # a new bound makes a new grammar
+        schema = {**LONG_ARRAY, "maxItems": 1000 + next(_fresh)}
+    return {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "numbers", "schema": schema},
+        }
+    }
+
+
+async def one(client: openai.AsyncOpenAI, mode: str, seed: int) -> dict[str, float]:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": f"List some numbers ({seed})."}],
+        max_tokens=MAX_TOKENS,
+        seed=seed,
+        stream=True,
+        stream_options={"include_usage": True},
+        **request_fields(mode),
+    )
+    async for chunk in stream:
+        if first is None and chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content or delta.tool_calls:
+                first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {"ttft": (first or end) - started, "tokens": tokens, "end": end}
+
+
+async def run_mode(url: str, mode: str, round_number: int) -> dict[str, Any]:
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def bounded(seed: int) -> dict[str, float]:
+        async with gate:
+            return await asyncio.wait_for(one(client, mode, seed), timeout=300)
+
+    started = time.perf_counter()
+    seeds = range(round_number * REQUESTS, (round_number + 1) * REQUESTS)
+    results = await asyncio.gather(*(bounded(seed) for seed in seeds))
+    wall = max(r["end"] for r in results) - started
+    await client.close()
+    return {
+        "mode": mode,
+        "round": round_number,
+        "tokens": sum(r["tokens"] for r in results),
+        "wall_s": wall,
+        "ttft_s": [r["ttft"] for r in results],
+    }
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    table = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        ttft = sorted(t for r in mine for t in r["ttft_s"])
+        table[mode] = {
+            "output_tokens_per_s": sum(r["tokens"] for r in mine)
+            / sum(r["wall_s"] for r in mine),
+            "ttft_median_ms": statistics.median(ttft) * 1000,
+            "ttft_p90_ms": statistics.quantiles(ttft, n=10)[-1] * 1000,
+            "tokens_per_request": sum(r["tokens"] for r in mine)
+            / (REQUESTS * len(mine)),
+        }
+    base = table[BASELINE]
+    for row in table.values():
+        row["throughput_ratio"] = (
+            row["output_tokens_per_s"] / base["output_tokens_per_s"]
+        )
+        row["ttft_added_ms"] = row["ttft_median_ms"] - base["ttft_median_ms"]
+    return table
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| mode | output tok/s | x free | median TTFT ms | +ms | p90 TTFT ms "
+        "| tokens/request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, row in result["table"].items():
+        lines.append(
+            f"| {mode} | {row['output_tokens_per_s']:.0f} | "
+            f"{row['throughput_ratio']:.2f} | {row['ttft_median_ms']:.0f} | "
+            f"{row['ttft_added_ms']:+.0f} | {row['ttft_p90_ms']:.0f} | "
+            f"{row['tokens_per_request']:.0f} |"
+        )
+    worst = min(
+        row["throughput_ratio"] for m, row in result["table"].items() if m != BASELINE
+    )
+    met = "met" if worst >= GOAL_THROUGHPUT_RATIO else "missed"
+    lines += [
+        "",
+        f"Goal >= {GOAL_THROUGHPUT_RATIO}x throughput: {met} (worst {worst:.2f}x); "
+        f"{result['rounds']} rounds x {REQUESTS} requests per mode, "
+        f"concurrency {CONCURRENCY}, {MAX_TOKENS} tokens each.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(result["table"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(modes, [result["table"][m]["throughput_ratio"] for m in modes])
+    left.axhline(GOAL_THROUGHPUT_RATIO, color="red", linestyle="--", label="goal")
+    left.set_title("output tokens/s, x free decoding")
+    left.legend()
+    right.bar(modes, [result["table"][m]["ttft_median_ms"] for m in modes])
+    right.set_title("median time to first token (ms)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model = checkpoint(workdir)
+        info = machine()
+        with deployment(model, workdir, ["qwen-vllm"]) as urls:
+            url = urls["qwen-vllm"]
+            asyncio.run(run_mode(url, "free", -1))  # warm-up, not counted
+            for number in range(args.rounds):
+                order = MODES[number % len(MODES) :] + MODES[: number % len(MODES)]
+                for mode in order:
+                    status(f"round {number + 1}/{args.rounds}: {mode}")
+                    runs.append(asyncio.run(run_mode(url, mode, number)))
+    result = {
+        "command": "benchmarks/structured_output.py --rounds " + str(args.rounds),
+        "rounds": args.rounds,
+        "machine": info,
+        "table": summary(runs),
+        "runs": runs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / "structured_output.json", result)
+    (RESULTS / "structured_output.md").write_text(markdown(result))
+    plot(result, RESULTS / "structured_output.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
