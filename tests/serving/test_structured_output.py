@@ -8,8 +8,10 @@ with jsonschema against the request's own schema.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -365,3 +367,16 @@ def test_a_schema_xgrammar_cannot_compile_is_a_400(stack, client):
             ),
         )
     assert "constraint" in caught.value.message or "schema" in caught.value.message
+
+
+def test_the_readme_example_runs_as_written(stack, client):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Answers that parse.**") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict[str, Any] = {"client": client}
+    exec(code.replace('"Qwen-14B-Chat"', repr(stack.model)), scope)
+    assert scope["call"].name == "get_weather"
+    jsonschema.validate(
+        json.loads(scope["call"].arguments), scope["weather"]["function"]["parameters"]
+    )
+    jsonschema.validate(json.loads(scope["answer"]), scope["rating"])
