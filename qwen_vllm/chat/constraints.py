@@ -118,6 +118,33 @@ def react_format(
     return _sequence(*lead, _text("\n"), _one_of(steps))
 
 
+def tool_choice_format(
+    tools: Sequence[ToolSpec],
+    choice: str | Mapping[str, Any],
+    *,
+    answer: Mapping[str, Any] = ANY_TEXT,
+    continues_thought: bool = False,
+) -> dict[str, Any]:
+    """The ReAct step that an OpenAI `tool_choice` allows over `tools`.
+
+    "auto": a call of any tool or a final answer in `answer` (ANY_TEXT or a
+    json_format); "required": a call of any tool; a named function
+    ({"type": "function", "function": {"name": ...}}): a call of that tool.
+    A name that is not one of `tools` is a ValueError: never widened.
+    """
+    if choice == "auto":
+        return react_format(tools, answer=answer, continues_thought=continues_thought)
+    if choice == "required":
+        return react_format(tools, continues_thought=continues_thought)
+    if not isinstance(choice, Mapping):
+        raise ValueError(f"unknown tool_choice {choice!r}")
+    name = (choice.get("function") or {}).get("name")
+    named = [tool for tool in tools if tool.name == name]
+    if not named:
+        raise ValueError(f"tool_choice names {name!r}, which is not a tool")
+    return react_format(named, continues_thought=continues_thought)
+
+
 def structural_tag(format: dict[str, Any]) -> str:
     """The structural tag vLLM takes (StructuredOutputsParams.structural_tag)."""
     return json.dumps({"type": "structural_tag", "format": format}, ensure_ascii=False)

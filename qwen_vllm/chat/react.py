@@ -75,8 +75,10 @@ class ToolSpec:
     parameters: Mapping[str, Any] | None = None
 
     @classmethod
-    def from_function(cls, function: Mapping[str, Any]) -> ToolSpec:
-        """From an OpenAI function definition (`tools[].function`, `functions[]`)."""
+    def from_function(cls, function: Mapping[str, Any] | Any) -> ToolSpec:
+        """From an OpenAI function definition (`tools[].function`, `functions[]`),
+        a mapping or a pydantic model of one."""
+        function = _as_mapping(function)
         return cls(
             name=function["name"],
             description=function.get("description") or "",
@@ -84,9 +86,17 @@ class ToolSpec:
         )
 
     @classmethod
-    def from_tool(cls, tool: Mapping[str, Any]) -> ToolSpec:
-        """From an OpenAI tool (`tools[]`) or function definition."""
+    def from_tool(cls, tool: Mapping[str, Any] | Any) -> ToolSpec:
+        """From an OpenAI tool (`tools[]`) or function definition, a mapping or
+        a pydantic model of one."""
+        tool = _as_mapping(tool)
         return cls.from_function(tool.get("function") or tool)
+
+
+def _as_mapping(definition: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    if isinstance(definition, Mapping):
+        return definition
+    return definition.model_dump()
 
 
 @dataclass(frozen=True)
@@ -377,13 +387,19 @@ class ReactStreamParser:
             self._scan_from = max(last_end, len(self._text) - _LONGEST_MARKER, 0)
         return self._release(self._safe_content())
 
-    def finish(self) -> ReactStreamEnd:
-        output = _decide(
-            self._text,
-            self._prefix_len,
-            _scan(self._text),
-            self._tool_calls_allowed,
+    @property
+    def in_action(self) -> bool:
+        """An action came first: the rest is the call (held back until finish)."""
+        return self._settled
+
+    def output_so_far(self) -> ReactOutput:
+        """What finish() would decide now, without releasing anything."""
+        return _decide(
+            self._text, self._prefix_len, _scan(self._text), self._tool_calls_allowed
         )
+
+    def finish(self) -> ReactStreamEnd:
+        output = self.output_so_far()
         if output.content.startswith(self._emitted):
             rest = output.content[len(self._emitted) :]
         else:  # cannot happen by construction; never repeat text already sent

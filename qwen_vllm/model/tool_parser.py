@@ -26,23 +26,13 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.tool_parsers.abstract_tool_parser import ToolParser
 
-from qwen_vllm.chat.constraints import ANY_TEXT, react_format, structural_tag
+from qwen_vllm.chat.constraints import structural_tag, tool_choice_format
 from qwen_vllm.chat.react import (
     THOUGHT_PREFIX,
     ReactStreamParser,
     ToolSpec,
     parse_react_output,
 )
-
-
-def tool_specs(tools: Sequence[Any] | None) -> list[ToolSpec]:
-    """ToolSpecs of OpenAI tool definitions (dicts or vLLM's models)."""
-    specs = []
-    for tool in tools or ():
-        if hasattr(tool, "model_dump"):
-            tool = tool.model_dump()
-        specs.append(ToolSpec.from_tool(tool))
-    return specs
 
 
 def continues_thought(messages: Sequence[Any]) -> bool:
@@ -64,19 +54,14 @@ class QwenReactToolParser(ToolParser):
         self._call_sent = False
 
     def adjust_request(self, request: Any) -> Any:
-        specs = tool_specs(request.tools)
-        choice = request.tool_choice
+        specs = [ToolSpec.from_tool(tool) for tool in request.tools or ()]
+        choice = request.tool_choice or "auto"
         if not specs or choice == "none" or request.structured_outputs is not None:
             return request
-        answer_allowed = choice in (None, "auto")
-        callable_ = specs
-        if not answer_allowed and choice != "required":  # a named function
-            name = choice.function.name if hasattr(choice, "function") else None
-            callable_ = [s for s in specs if s.name == name] or specs
-        output = react_format(
-            callable_,
-            answer=ANY_TEXT if answer_allowed else None,
-            continues_thought=continues_thought(request.messages),
+        if not isinstance(choice, str):  # a named function
+            choice = choice.model_dump()
+        output = tool_choice_format(
+            specs, choice, continues_thought=continues_thought(request.messages)
         )
         request.structured_outputs = StructuredOutputsParams(
             structural_tag=structural_tag(output)
@@ -121,13 +106,14 @@ class QwenReactToolParser(ToolParser):
         content = self._stream.feed(delta_text)
         if self._call_sent:
             return None
-        # The call is whole once its arguments are: a constrained output ends
-        # right there, so its last delta sends the call.
-        output = parse_react_output(current_text, self._prefix(request))
-        if output.tool_call is None or not _is_json(output.tool_call.arguments):
+        # The call is whole once its arguments are (a JSON object): a
+        # constrained output ends right there, so its last delta sends it.
+        if not (self._stream.in_action and current_text.rstrip().endswith("}")):
+            return DeltaMessage(content=content) if content else None
+        call = self._stream.output_so_far().tool_call
+        if call is None or not _is_json(call.arguments):
             return DeltaMessage(content=content) if content else None
         content += self._stream.finish().content_delta  # the thought
-        call = output.tool_call
         self._call_sent = True
         self.prev_tool_call_arr = [{"name": call.name, "arguments": call.arguments}]
         self.streamed_args_for_tool = [call.arguments]

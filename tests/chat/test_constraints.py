@@ -11,6 +11,7 @@ from qwen_vllm.chat.constraints import (
     json_format,
     react_format,
     structural_tag,
+    tool_choice_format,
 )
 from qwen_vllm.chat.react import ToolSpec, parse_react_output
 from tests.constraint_check import accepts
@@ -99,6 +100,18 @@ def test_json_whitespace_is_bounded() -> None:
 def test_a_tool_needs_to_be_offered() -> None:
     with pytest.raises(ValueError, match="at least one tool"):
         react_format([])
+
+
+def test_a_named_choice_is_never_widened() -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    only_clock = constraint(tool_choice_format([WEATHER, CLOCK], named))
+    assert accepts(only_clock, "Thought: x\nAction: get_time\nAction Input: {}")
+    assert not accepts(only_clock, CALL)
+    unknown = {"type": "function", "function": {"name": "get_news"}}
+    with pytest.raises(ValueError, match="'get_news', which is not a tool"):
+        tool_choice_format([WEATHER, CLOCK], unknown)
+    with pytest.raises(ValueError, match="unknown tool_choice 'get_time'"):
+        tool_choice_format([WEATHER, CLOCK], "get_time")
 
 
 def test_length_bounded_strings_are_json_strings() -> None:

@@ -10,11 +10,11 @@ whole or while streaming.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE
-from qwen_vllm.chat.constraints import ANY_TEXT, react_format
+from qwen_vllm.chat.constraints import ANY_TEXT, tool_choice_format
 from qwen_vllm.chat.react import (
     ReactFormatError,
     ReactOutput,
@@ -59,21 +59,21 @@ from qwen_vllm.serving.protocol import GenerateChunk, GenerateParams, Usage
 @dataclass(frozen=True)
 class ToolPlan:
     tools: list[ToolSpec]  # described in the prompt; empty: no ReAct prompt
-    # May be called: all tools, or the one tool_choice names.
-    callable: list[ToolSpec] = field(default_factory=list)
-    # "auto": a final answer instead of a call is allowed.
-    answer_allowed: bool = True
+    # "auto", "required" or a named function, as constraints.tool_choice_format
+    # takes it; None: no tool may be called.
+    choice: str | dict[str, Any] | None = None
     legacy: bool = False  # answer with `function_call`, not `tool_calls`
 
     def constraint(
         self, answer: dict[str, Any] | None, continues_thought: bool
     ) -> dict[str, Any] | None:
         """The output format: a ReAct step with tools, else the answer's."""
-        if not self.callable:
+        if self.choice is None:
             return answer
-        return react_format(
-            self.callable,
-            answer=(answer or ANY_TEXT) if self.answer_allowed else None,
+        return tool_choice_format(
+            self.tools,
+            self.choice,
+            answer=answer or ANY_TEXT,
             continues_thought=continues_thought,
         )
 
@@ -103,22 +103,20 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
         raise bad_request(
             "Tool names must be unique.", "functions" if legacy else "tools"
         )
-    specs = [ToolSpec(d.name, d.description or "", d.parameters) for d in definitions]
+    specs = [ToolSpec.from_function(d) for d in definitions]
     if choice is None:
         choice = "auto" if specs else "none"
     if choice == "none":
         return ToolPlan([], legacy=legacy)
     if not specs:
         raise bad_request(f"{param} {choice!r} needs tools to choose from.", param)
-    if choice == "auto":
-        return ToolPlan(specs, specs, legacy=legacy)
-    if choice == "required":
-        return ToolPlan(specs, specs, answer_allowed=False, legacy=legacy)
+    if isinstance(choice, str):  # "auto" or "required"
+        return ToolPlan(specs, choice, legacy=legacy)
     name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
     if name not in names:
         raise bad_request(f"{param} names {name!r}, which is not a tool.", param)
-    named = [s for s in specs if s.name == name]
-    return ToolPlan(specs, named, answer_allowed=False, legacy=legacy)
+    named = {"type": "function", "function": {"name": name}}
+    return ToolPlan(specs, named, legacy=legacy)
 
 
 def new_call_id() -> str:
