@@ -2,8 +2,9 @@
 
 On one `qwen-vllm serve` deployment (the serving benchmark's checkpoint and
 engine flags), streams 32 chat requests at 8 concurrent clients per mode,
-every answer exactly MAX_TOKENS tokens long (the constraints below never
-finish sooner), modes in a rotating order each round:
+up to MAX_TOKENS tokens each (free and JSON answers run to the limit, the
+schemas asking for more; a tool call ends with its action, a few tokens
+sooner), modes in a rotating order each round:
 
   free         no constraint (the baseline)
   json         response_format json_schema, one schema (compiled once, cached)
@@ -13,7 +14,13 @@ finish sooner), modes in a rotating order each round:
 and reports output tokens/s, median and p90 time to first token, and each
 mode's ratio to `free` measured in the same rounds. Goal: >= 0.8x throughput.
 
-    .venv/bin/python benchmarks/structured_output.py            # 3 rounds, ~3 min
+Then the test suite's JSON schemas (tests/serving/test_structured_output.py),
+PARSE_SEEDS requests each, as response_format to our gateway and to plain
+`vllm serve` with the plugin (vLLM's default structured-output settings) on
+the same checkpoint: how many answers parse and validate, and how many ran
+out of tokens.
+
+    .venv/bin/python benchmarks/structured_output.py            # 3 rounds, ~5 min
     .venv/bin/python benchmarks/structured_output.py --rounds 1
 
 Writes benchmarks/results/structured_output.{json,md,png}.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -31,9 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving import (  # noqa: E402  (the serving benchmark's deployment)
     MODEL_NAME,
@@ -45,6 +55,7 @@ from serving import (  # noqa: E402  (the serving benchmark's deployment)
 )
 
 from qwen_vllm.loadgen.report import write_json  # noqa: E402
+from tests.serving.test_structured_output import SCHEMAS  # noqa: E402
 
 MODES = ("free", "json", "json-new", "tool")
 BASELINE = "free"
@@ -52,6 +63,8 @@ REQUESTS = 32
 CONCURRENCY = 8
 MAX_TOKENS = 64
 GOAL_THROUGHPUT_RATIO = 0.8
+PARSE_SEEDS = 4
+PARSE_MAX_TOKENS = 256
 # 40 numbers never fit in MAX_TOKENS tokens: every answer is cut at the limit.
 LONG_ARRAY = {"type": "array", "items": {"type": "integer"}, "minItems": 40}
 TOOLS = [
@@ -132,6 +145,45 @@ async def run_mode(url: str, mode: str, round_number: int) -> dict[str, Any]:
     }
 
 
+async def parse_rate(url: str) -> dict[str, int]:
+    """Answers to response_format json_schema: how many parse and validate,
+    and how many ran out of tokens."""
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def check(schema: dict[str, Any], seed: int) -> tuple[bool, bool]:
+        async with gate:
+            reply = await asyncio.wait_for(
+                client.chat.completions.create(
+                    model=MODEL_NAME,
+                    messages=[{"role": "user", "content": "Answer in JSON."}],
+                    max_tokens=PARSE_MAX_TOKENS,
+                    seed=seed,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "answer", "schema": schema},
+                    },
+                ),
+                timeout=300,
+            )
+        choice = reply.choices[0]
+        cut = choice.finish_reason == "length"
+        try:
+            jsonschema.validate(json.loads(choice.message.content), schema)
+        except (ValueError, jsonschema.ValidationError):
+            return False, cut
+        return True, cut
+
+    checks = [check(s, seed) for s in SCHEMAS for seed in range(PARSE_SEEDS)]
+    results = await asyncio.gather(*checks)
+    await client.close()
+    return {
+        "valid": sum(valid for valid, _ in results),
+        "cut_at_max_tokens": sum(cut for _, cut in results),
+        "requests": len(results),
+    }
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     table = {}
     for mode in MODES:
@@ -175,8 +227,19 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Goal >= {GOAL_THROUGHPUT_RATIO}x throughput: {met} (worst {worst:.2f}x); "
         f"{result['rounds']} rounds x {REQUESTS} requests per mode, "
-        f"concurrency {CONCURRENCY}, {MAX_TOKENS} tokens each.",
+        f"concurrency {CONCURRENCY}, at most {MAX_TOKENS} tokens each.",
     ]
+    lines += [
+        "",
+        "| server | answers that parse and validate "
+        f"| cut at {PARSE_MAX_TOKENS} tokens |",
+        "|---|---|---|",
+    ]
+    for server, rate in result["parse_rate"].items():
+        lines.append(
+            f"| {server} | {rate['valid']} / {rate['requests']} "
+            f"| {rate['cut_at_max_tokens']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +271,7 @@ def main() -> None:
         workdir = Path(tmp)
         model = checkpoint(workdir)
         info = machine()
-        with deployment(model, workdir, ["qwen-vllm"]) as urls:
+        with deployment(model, workdir, ["qwen-vllm", "vllm"]) as urls:
             url = urls["qwen-vllm"]
             asyncio.run(run_mode(url, "free", -1))  # warm-up, not counted
             for number in range(args.rounds):
@@ -216,11 +279,19 @@ def main() -> None:
                 for mode in order:
                     status(f"round {number + 1}/{args.rounds}: {mode}")
                     runs.append(asyncio.run(run_mode(url, mode, number)))
+            rates = {}
+            for server, label in (
+                ("qwen-vllm", "qwen-vllm gateway"),
+                ("vllm", "vllm serve"),
+            ):
+                status(f"parse rate: {label}")
+                rates[label] = asyncio.run(parse_rate(urls[server]))
     result = {
         "command": "benchmarks/structured_output.py --rounds " + str(args.rounds),
         "rounds": args.rounds,
         "machine": info,
         "table": summary(runs),
+        "parse_rate": rates,
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
