@@ -31,6 +31,21 @@ WIDE_SPEC = DemoModelSpec(
 _handed_out: set[int] = set()
 
 
+# generation_config.json of the Qwen-7B-Chat release.
+REAL_GENERATION_CONFIG = {
+    "chat_format": "chatml",
+    "eos_token_id": 151643,
+    "pad_token_id": 151643,
+    "max_window_size": 6144,
+    "max_new_tokens": 512,
+    "do_sample": True,
+    "top_k": 0,
+    "top_p": 0.8,
+    "repetition_penalty": 1.1,
+    "transformers_version": "4.31.0",
+}
+
+
 def free_port() -> int:
     """A loopback port free now and not handed out before in this session
     (the kernel may offer a just-closed port again)."""
@@ -59,8 +74,9 @@ class Stack:
 
     api_key = "sk-test-key"
 
-    def __init__(self, model_dir: Path, log: Path) -> None:
+    def __init__(self, model_dir: Path, log: Path, num_workers: int = 2) -> None:
         self.model_dir = model_dir
+        self.num_workers = num_workers
         self.model = model_dir.name
         self.log = log
         self.port = free_port()
@@ -80,7 +96,7 @@ class Stack:
             "--model",
             str(self.model_dir),
             "--num-workers",
-            "2",
+            str(self.num_workers),
             "--max-model-len",
             "2048",
             "--port",
@@ -106,7 +122,9 @@ class Stack:
         return httpx.get(f"{self.controller}/workers", timeout=5).json()["workers"]
 
     def worker_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.worker_port + i}" for i in range(2)]
+        return [
+            f"http://127.0.0.1:{self.worker_port + i}" for i in range(self.num_workers)
+        ]
 
 
 @pytest.fixture(scope="session")

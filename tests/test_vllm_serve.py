@@ -12,25 +12,12 @@ import shutil
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import REAL_GENERATION_CONFIG, free_port
 from tests.reference_tokenizer import reference_chat_ids, reference_tokenizer
 from tests.servers import running, venv_bin
 
 pytestmark = pytest.mark.slow
 
-# generation_config.json of the Qwen-7B-Chat release.
-REAL_GENERATION_CONFIG = {
-    "chat_format": "chatml",
-    "eos_token_id": 151643,
-    "pad_token_id": 151643,
-    "max_window_size": 6144,
-    "max_new_tokens": 512,
-    "do_sample": True,
-    "top_k": 0,
-    "top_p": 0.8,
-    "repetition_penalty": 1.1,
-    "transformers_version": "4.31.0",
-}
 IM_END = 151645
 
 

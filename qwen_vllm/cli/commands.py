@@ -135,9 +135,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="Qwen v1 checkpoint (default: demo)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    source = "default: the checkpoint's generation_config.json"
+    p.add_argument("--max-tokens", type=int, help=f"per answer; {source}")
+    p.add_argument("--temperature", type=float, default=None, help=source)
+    p.add_argument("--top-p", type=float, default=None, help=source)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="faster start")
@@ -166,11 +167,12 @@ def _run_chat(args: argparse.Namespace) -> None:
     engine_kwargs = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
     if args.max_model_len:
         engine_kwargs["max_model_len"] = args.max_model_len
-    sampling = {"max_tokens": args.max_tokens}
-    if args.temperature is not None:
-        sampling["temperature"] = args.temperature
-    if args.top_p is not None:
-        sampling["top_p"] = args.top_p
+    asked = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+    sampling = {name: value for name, value in asked.items() if value is not None}
     with QwenChat(args.model, args.tensor_parallel_size, **engine_kwargs) as chat:
         TerminalChat(
             chat, system=args.system or DEFAULT_SYSTEM, sampling=sampling

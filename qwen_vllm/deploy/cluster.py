@@ -449,6 +449,23 @@ def healthy_workers(supervisor: Supervisor, client: httpx.Client) -> int:
     return sum(1 for w in workers if w.get("healthy") and model in w.get("models", []))
 
 
+def generation_defaults(supervisor: Supervisor) -> str | None:
+    """The served model's generation defaults as a worker reports them
+    (None if no worker says)."""
+    settings = supervisor.settings
+    headers = token_headers(settings.internal_token)
+    model = settings.served_model_name()
+    with httpx.Client(timeout=5.0, headers=headers) as client:
+        try:
+            reply = client.get(f"{supervisor.controller_url}/workers")
+            workers = reply.raise_for_status().json().get("workers", [])
+            address = next(w["name"] for w in workers if model in w.get("models", []))
+            reply = client.post(f"{address}/model_details", json={"model": model})
+            return reply.raise_for_status().json().get("generation_defaults")
+        except (httpx.HTTPError, StopIteration, KeyError, ValueError):
+            return None
+
+
 def wait_until_ready(
     supervisor: Supervisor,
     stop_requested: threading.Event,
@@ -551,6 +568,8 @@ def run_serve(settings: ServeSettings) -> None:
             if wait_until_ready(supervisor, signals.requested):
                 for line in endpoints(settings):
                     print(line, flush=True)
+                if (defaults := generation_defaults(supervisor)) is not None:
+                    print(f"defaults     {defaults}", flush=True)
                 print("serving; press Ctrl-C to stop", flush=True)
                 while not signals.requested.wait(0.5):
                     supervisor.poll()

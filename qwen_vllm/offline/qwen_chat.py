@@ -19,12 +19,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.chat.chatml import (
-    DEFAULT_MAX_WINDOW_SIZE,
-    DEFAULT_SYSTEM,
-    build_prompt_ids,
-)
+from qwen_vllm.chat.chatml import DEFAULT_SYSTEM, build_prompt_ids
 from qwen_vllm.chat.vocab import with_chatml_stops
+from qwen_vllm.model.generation_defaults import GenerationDefaults
 
 History = list[tuple[str, str]]
 # A batch item: a query, or a (query, history) pair.
@@ -38,7 +35,7 @@ class QwenChat:
         tensor_parallel_size: int = 1,
         *,
         system: str = DEFAULT_SYSTEM,
-        max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+        max_window_size: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
         from vllm.engine.arg_utils import EngineArgs
@@ -57,9 +54,12 @@ class QwenChat:
         self.engine = LLMEngine.from_engine_args(args)
         self.tokenizer = self.engine.get_tokenizer()
         self.system = system
-        self.max_window_size = max_window_size
-        # The checkpoint's generation_config.json (top_p, repetition_penalty...)
-        self.default_sampling = self.engine.model_config.get_diff_sampling_param()
+        # The checkpoint's generation_config.json (top_p, repetition_penalty,
+        # max_new_tokens, max_window_size), as the served model uses them.
+        self.defaults = GenerationDefaults.of(self.engine.model_config)
+        self.max_window_size = max_window_size or self.defaults.window(
+            self.engine.model_config.max_model_len, None
+        )
         self._ids = itertools.count()
 
     def chat(
@@ -127,7 +127,11 @@ class QwenChat:
         """The checkpoint's defaults, the caller's overrides, the ChatML stops."""
         from vllm import SamplingParams
 
-        values = {**self.default_sampling, **overrides}
+        values = {
+            **self.defaults.sampling,
+            "max_tokens": self.defaults.max_new_tokens,  # None: the context's rest
+            **overrides,
+        }
         extra_stops = values.pop("stop_token_ids", None) or []
         return SamplingParams(
             **values,

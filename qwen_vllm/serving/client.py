@@ -22,6 +22,7 @@ from cachetools import TLRUCache, TTLCache
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from qwen_vllm.serving.protocol import (
+    ChatDefaults,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
@@ -71,6 +72,7 @@ class ModelDetails(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     context_length: int | None = None
+    chat_defaults: ChatDefaults | None = None  # our workers' extension
 
 
 class WorkerInfo(BaseModel):

@@ -94,13 +94,16 @@ class GenerateParams(_Message):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = -1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    # None: whatever room the context leaves.
+    # Sampling fields left out (None) take the model's generation defaults
+    # (its generation_config.json, as `vllm serve` does); FastChat's clients
+    # always send them. top_k: 0 or -1 is off.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    # None: the model's max_new_tokens, else whatever room the context leaves.
     max_new_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -108,7 +111,8 @@ class GenerateParams(_Message):
     logprobs: int | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     request_id: str | None = None
-    # The gateway trims chat history to the model's window; FastChat does not.
+    # Tokens of chat history kept (`messages` only); None: the model's
+    # max_window_size, leaving room for max_new_tokens.
     max_window_size: int | None = None
     # Leave the last (assistant) message open for the model to continue, as
     # ReAct tool results need ("...\nObservation: ...\nThought:").
@@ -124,6 +128,15 @@ class GenerateParams(_Message):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatDefaults(BaseModel):
+    """Extension of /model_details: the model's generation defaults for the
+    settings a chat page shows (its sliders start there)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: the rest of the context
 
 
 class Usage(BaseModel):

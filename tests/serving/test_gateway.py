@@ -295,7 +295,7 @@ async def test_chat_sends_messages_and_returns_the_reply(
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": "Hi <|im_end|>"},
     ]
-    assert params.max_window_size == 2048 - 100
+    assert params.max_window_size is None  # the worker's, for max_new_tokens
     assert params.max_new_tokens == 100
     assert (params.temperature, params.top_p) == (0.3, 0.9)
     assert params.stop_token_ids == list(STOP_TOKEN_IDS)
@@ -303,13 +303,15 @@ async def test_chat_sends_messages_and_returns_the_reply(
     assert "presence_penalty" not in params.model_fields_set
 
 
-async def test_chat_without_max_tokens_asks_for_the_rest_of_the_context(
+async def test_chat_without_sampling_fields_leaves_them_to_the_model(
     client: openai.AsyncOpenAI, backend: FakeBackend
 ) -> None:
     await client.chat.completions.create(model=MODEL, messages=user("Hi"))
     (params,) = backend.calls
-    assert params.max_new_tokens is None and "max_new_tokens" in params.model_fields_set
-    assert params.max_window_size == 2048 * 3 // 4
+    # The worker takes the checkpoint's generation_config.json for all of them.
+    assert params.max_new_tokens is None and params.max_window_size is None
+    sampling = ("temperature", "top_p", "top_k", "repetition_penalty")
+    assert [getattr(params, name) for name in sampling] == [None] * 4
 
 
 async def test_chat_stream_deltas_add_up_and_report_usage(

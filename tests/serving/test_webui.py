@@ -12,7 +12,7 @@ import gradio as gr
 import pytest
 from fastapi.testclient import TestClient
 
-from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM
+from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
 from qwen_vllm.serving.client import (
     BackendError,
     ControllerUnavailableError,
@@ -21,7 +21,7 @@ from qwen_vllm.serving.client import (
     WorkerError,
     WorkerTimeoutError,
 )
-from qwen_vllm.serving.protocol import ErrorCode
+from qwen_vllm.serving.protocol import ChatDefaults, ErrorCode
 from qwen_vllm.serving.settings import WebUISettings
 from qwen_vllm.serving.webui import (
     ChatOptions,
@@ -72,7 +72,7 @@ def test_params_carry_system_history_and_sampling() -> None:
     options = ChatOptions(
         model=MODEL, system="Be brief.", temperature=0.2, top_p=0.5, max_new_tokens=99
     )
-    params = build_params(history, "and 3+3?", options, context_length=2048)
+    params = build_params(history, "and 3+3?", options)
     assert roles_and_texts(params) == [
         ("system", "Be brief."),
         ("user", "你好"),
@@ -83,14 +83,13 @@ def test_params_carry_system_history_and_sampling() -> None:
     ]
     assert params.model == MODEL
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.2, 0.5, 99)
-    assert params.max_window_size == 2048 - 99
+    assert params.max_window_size is None  # the model's, kept by the worker
     assert params.prompt is None  # ChatML is the worker's job
 
 
 def test_params_defaults() -> None:
     params = build_params([], "hi", ChatOptions(model=MODEL, system=""))
     assert roles_and_texts(params) == [("system", DEFAULT_SYSTEM), ("user", "hi")]
-    assert params.max_window_size == DEFAULT_MAX_WINDOW_SIZE
 
 
 # Answers
@@ -188,10 +187,10 @@ async def test_max_tokens_must_leave_room_for_the_prompt() -> None:
     assert backend.calls == []
 
 
-async def test_unknown_context_uses_the_default_window() -> None:
+async def test_unknown_context_still_answers() -> None:
     backend = ScriptedBackend(context=None)
     await collect(ChatSession(backend), [], "q")
-    assert backend.calls[0][1].max_window_size == DEFAULT_MAX_WINDOW_SIZE
+    assert backend.calls[0][1].max_window_size is None
 
 
 async def test_empty_answer_and_unexpected_failures_end_with_an_error() -> None:
@@ -316,6 +315,23 @@ async def test_refresh_models_handler() -> None:
     dropdown, status = await handlers.refresh_models(MODEL)
     assert "controller cannot be reached" in status
     assert dropdown == gr.skip()  # the picker keeps its value
+
+
+async def test_model_defaults_handler_sets_the_sliders() -> None:
+    backend = ScriptedBackend()
+    handlers = handlers_for(backend)
+    # FastChat's workers send no defaults: the sliders stay as they are.
+    assert await handlers.model_defaults(MODEL) == (gr.skip(),) * 3
+    assert await handlers.model_defaults(None) == (gr.skip(),) * 3
+    backend.chat_defaults = ChatDefaults(temperature=0.6, top_p=0.5, max_new_tokens=24)
+    assert await handlers.model_defaults(MODEL) == (0.6, 0.5, 24)
+    # Kept inside the sliders' ranges; no max_new_tokens: the page's own.
+    backend.chat_defaults = ChatDefaults(temperature=3.0, top_p=0.0)
+    assert await handlers.model_defaults(MODEL) == (2.0, 0.05, 512)
+    backend.chat_defaults = ChatDefaults(max_new_tokens=100_000)
+    assert (await handlers.model_defaults(MODEL))[2] == 8192
+    # A model no worker serves: nothing changes.
+    assert await handlers.model_defaults(OTHER_MODEL) == (gr.skip(),) * 3
 
 
 # The app

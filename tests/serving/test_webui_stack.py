@@ -27,12 +27,24 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "webui-stack"
 ANSWER_TIMEOUT = 60.0
 
 
+def select_with_defaults(chat: ChatPage, model: str) -> None:
+    """Pick `model` and wait for the settings to show its defaults: the
+    demo's generation_config.json has a Qwen -Chat release's top_p 0.8 and
+    max_new_tokens 512 (temperature unset: 1.0)."""
+    chat.select_model(model)
+    wait_until(
+        lambda: chat.sampling_settings() == (1.0, 0.8, 512),
+        ANSWER_TIMEOUT,
+        "the model's defaults in the settings",
+    )
+
+
 def test_chat_streams_from_the_real_workers(stack):
     with chromium_context() as context:
         keep_on_loopback(context)
         chat = ChatPage.open(context, stack.webui, timeout=ANSWER_TIMEOUT)
         assert stack.model in chat.model_choices()
-        chat.select_model(stack.model)
+        select_with_defaults(chat, stack.model)
         chat.set_max_tokens(40)
         chat.record_answer_states()
         chat.send("你好，请写一段关于 vLLM 的介绍。")
@@ -81,7 +93,7 @@ def test_no_worker_shows_an_error_and_the_ui_recovers(stack):
     with chromium_context() as context:
         keep_on_loopback(context)
         chat = ChatPage.open(context, stack.webui, timeout=ANSWER_TIMEOUT)
-        chat.select_model(stack.model)
+        select_with_defaults(chat, stack.model)
         chat.set_max_tokens(8)
         for health in _healths(stack):
             os.kill(health["pid"], signal.SIGKILL)

@@ -14,6 +14,7 @@ import uvicorn
 
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.protocol import (
+    ChatDefaults,
     GenerateChunk,
     GenerateParams,
     Usage,
@@ -28,6 +29,8 @@ from tests.conftest import free_port
 
 class FakeEngine:
     context_length = 64
+    chat_defaults = ChatDefaults(top_p=0.8, max_new_tokens=32)
+    generation_defaults = "max_new_tokens=32, top_p=0.8"
 
     def __init__(self, words=("Hello", " world", "!")) -> None:
         self.words = words
@@ -151,6 +154,12 @@ async def test_fastchat_endpoints(client):
     assert set(rebuilt.stop_token_ids) == {151643, 151644, 151645}
     details = (await http.post("/model_details", json={"model": "qwen-test"})).json()
     assert details["context_length"] == FakeEngine.context_length
+    assert details["chat_defaults"] == {
+        "temperature": 1.0,
+        "top_p": 0.8,
+        "max_new_tokens": 32,
+    }
+    assert details["generation_defaults"] == "max_new_tokens=32, top_p=0.8"
     count = (await http.post("/count_token", json={"prompt": "a b c"})).json()
     assert count == {"count": 3, "error_code": 0}
     status = (await http.post("/worker_get_status", json={})).json()
@@ -245,9 +254,27 @@ class FakeTokenizer:
         return b"".join(self.decode_tokens_bytes(ids)).decode(errors="replace")
 
 
+class FakeModelConfig:
+    """vLLM's ModelConfig as GenerationDefaults reads it."""
+
+    def __init__(self, context, generation):
+        self.max_model_len = context
+        self.generation = generation
+
+    def try_get_generation_config(self):
+        return dict(self.generation)
+
+    def get_diff_sampling_param(self):
+        names = ("temperature", "top_p", "top_k", "repetition_penalty")
+        sampling = {n: self.generation[n] for n in names if n in self.generation}
+        if "max_new_tokens" in self.generation:
+            sampling["max_tokens"] = self.generation["max_new_tokens"]
+        return sampling
+
+
 class FakeLLM:
-    def __init__(self, context=200):
-        self.model_config = SimpleNamespace(max_model_len=context)
+    def __init__(self, context=200, generation=None):
+        self.model_config = FakeModelConfig(context, generation or {})
         self.aborted: list[str] = []
         self.requests = []
 
@@ -292,6 +319,29 @@ async def test_adapter_stops_on_chatml_ids_and_aborts_on_close():
     assert {151643, 151644, 151645, 7} <= set(sampling.stop_token_ids)
     # ChatML ids: <|im_start|> opens the system turn.
     assert prompt["prompt_token_ids"][0] == 151644
+
+
+async def test_unset_fields_take_the_models_generation_defaults():
+    generation = {"top_p": 0.8, "top_k": 3, "max_new_tokens": 7, "max_window_size": 9}
+    llm = FakeLLM(generation=generation)
+    engine = VllmEngine(llm)
+    history = [
+        {"role": "user", "content": "a long old question"},
+        {"role": "assistant", "content": "a long old answer"},
+    ]
+    unset = GenerateParams(messages=[*history, {"role": "user", "content": "hi"}])
+    own = unset.model_copy(update={"top_p": 0.3, "top_k": -1, "max_new_tokens": 2})
+    whole = unset.model_copy(update={"max_window_size": 10_000})
+    for params in (unset, own, whole):
+        [c async for c in engine.generate(params)]
+    (prompt, defaults), (_, chosen), (whole_prompt, _) = llm.requests
+    assert (defaults.top_p, defaults.top_k, defaults.max_tokens) == (0.8, 3, 7)
+    assert (defaults.temperature, defaults.repetition_penalty) == (1.0, 1.0)
+    assert (chosen.top_p, chosen.top_k, chosen.max_tokens) == (0.3, 0, 2)
+    assert engine.chat_defaults == ChatDefaults(top_p=0.8, max_new_tokens=7)
+    # The model's max_window_size (9 tokens) drops the earlier turn.
+    ids, all_ids = prompt["prompt_token_ids"], whole_prompt["prompt_token_ids"]
+    assert len(ids) < len(all_ids) and ids[-10:] == all_ids[-10:]
 
 
 async def test_adapter_reports_context_errors_as_fastchat_error_codes():

@@ -18,7 +18,12 @@ from typing import Any
 import uvicorn
 
 from qwen_vllm.serving.client import BackendError, ModelDetails, UnknownModelError
-from qwen_vllm.serving.protocol import ErrorCode, GenerateChunk, GenerateParams
+from qwen_vllm.serving.protocol import (
+    ChatDefaults,
+    ErrorCode,
+    GenerateChunk,
+    GenerateParams,
+)
 from tests.conftest import free_port
 
 MODEL = "qwen-v1-demo"
@@ -67,6 +72,7 @@ class ScriptedBackend:
     ) -> None:
         self.models = list(models)
         self.context = context
+        self.chat_defaults: ChatDefaults | None = None
         self.scripts: list[Script] = []  # used in order, then `default`
         self.default = Script()
         self.list_error: BackendError | None = None
@@ -87,7 +93,9 @@ class ScriptedBackend:
     async def model_details(self, model: str) -> ModelDetails:
         if model not in self.models:
             raise UnknownModelError(model)
-        return ModelDetails(context_length=self.context)
+        return ModelDetails(
+            context_length=self.context, chat_defaults=self.chat_defaults
+        )
 
     async def generate(self, model: str, params: GenerateParams) -> GenerateChunk:
         last = GenerateChunk()

@@ -116,6 +116,8 @@ class ChatPage:
     CLEAR = "#clear"
     SYSTEM = "#system-prompt textarea"
     MAX_TOKENS = "#max-tokens input[type=number]"
+    TEMPERATURE = "#temperature input[type=number]"
+    TOP_P = "#top-p input[type=number]"
 
     def __init__(self, page: Page, base_url: str, timeout: float = 30.0) -> None:
         self.page = page
@@ -207,6 +209,14 @@ class ChatPage:
 
     def set_system_prompt(self, text: str) -> None:
         self.page.locator(self.SYSTEM).fill(text)
+
+    def sampling_settings(self) -> tuple[float, float, int]:
+        """Temperature, top p and max tokens as the page shows them."""
+        values = [
+            self.page.locator(selector).input_value()
+            for selector in (self.TEMPERATURE, self.TOP_P, self.MAX_TOKENS)
+        ]
+        return float(values[0]), float(values[1]), int(float(values[2]))
 
     def set_max_tokens(self, value: int) -> None:
         field = self.page.locator(self.MAX_TOKENS)

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE
 from qwen_vllm.chat.constraints import ANY_TEXT, tool_choice_format
 from qwen_vllm.chat.react import (
     ReactFormatError,
@@ -144,15 +143,8 @@ class ChatService(
             react = build_react_prompt(messages, tools.tools)
         except ReactFormatError as exc:
             raise bad_request(str(exc), exc.param) from exc
-        context = await usable_context(
-            self.backend, request.model, max_tokens, max_param
-        )
-        if context is None:
-            window = DEFAULT_MAX_WINDOW_SIZE
-        elif max_tokens is not None:
-            window = context - max_tokens
-        else:  # the reference's 6144 of 8192, for any context length
-            window = context * 3 // 4
+        # The worker keeps the model's window of history (max_window_size).
+        await usable_context(self.backend, request.model, max_tokens, max_param)
         stop = request.stop_list() + [
             s for s in react.stop if s not in request.stop_list()
         ]
@@ -166,7 +158,6 @@ class ChatService(
         base = GenerateParams(
             model=request.model,
             messages=react.messages,
-            max_window_size=window,
             **fields,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

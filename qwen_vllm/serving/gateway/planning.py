@@ -47,7 +47,7 @@ def sampling_fields(
 ) -> dict[str, Any]:
     """GenerateParams fields the client set; unset ones stay the worker's."""
     fields: dict[str, Any] = {
-        "max_new_tokens": max_tokens,  # None: the rest of the context
+        "max_new_tokens": max_tokens,  # None: the model's default
         "stop_token_ids": with_chatml_stops(),
     }
     for name in (

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM
+from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
 from qwen_vllm.serving.client import (
     Backend,
     BackendError,
@@ -24,20 +24,30 @@ from qwen_vllm.serving.client import (
     WorkerError,
     WorkerTimeoutError,
 )
-from qwen_vllm.serving.protocol import ChatMessage, ErrorCode, GenerateParams
+from qwen_vllm.serving.protocol import (
+    ChatDefaults,
+    ChatMessage,
+    ErrorCode,
+    GenerateParams,
+)
 
 logger = logging.getLogger(__name__)
 
 
+# Max tokens the page starts at for a model without a max_new_tokens default.
+PAGE_MAX_NEW_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class ChatOptions:
-    """What the user chose in the page besides the conversation itself."""
+    """What the user chose in the page besides the conversation itself (the
+    settings start at the model's ChatDefaults)."""
 
     model: str
     system: str = DEFAULT_SYSTEM
-    temperature: float = 0.7
-    top_p: float = 0.8
-    max_new_tokens: int = 512
+    temperature: float = ChatDefaults().temperature
+    top_p: float = ChatDefaults().top_p
+    max_new_tokens: int = PAGE_MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)
@@ -59,29 +69,22 @@ class Turn:
 
 
 def build_params(
-    history: Sequence[Turn],
-    question: str,
-    options: ChatOptions,
-    *,
-    context_length: int | None = None,
+    history: Sequence[Turn], question: str, options: ChatOptions
 ) -> GenerateParams:
-    """The request for answering `question` after `history`."""
+    """The request for answering `question` after `history` (the worker keeps
+    the model's window of history, leaving room for max_new_tokens)."""
     messages = [ChatMessage(role="system", content=options.system or DEFAULT_SYSTEM)]
     for turn in history:
         if turn.answered:
             messages.append(ChatMessage(role="user", content=turn.user))
             messages.append(ChatMessage(role="assistant", content=turn.answer))
     messages.append(ChatMessage(role="user", content=question))
-    window = DEFAULT_MAX_WINDOW_SIZE
-    if context_length is not None:
-        window = context_length - options.max_new_tokens
     return GenerateParams(
         model=options.model,
         messages=messages,
         temperature=options.temperature,
         top_p=options.top_p,
         max_new_tokens=options.max_new_tokens,
-        max_window_size=window,
     )
 
 
@@ -94,6 +97,16 @@ class ChatSession:
     async def models(self) -> list[str]:
         """The models the controller knows; raises BackendError."""
         return sorted(await self.backend.list_models())
+
+    async def chat_defaults(self, model: str) -> ChatDefaults | None:
+        """The model's generation defaults for the page's settings; None if
+        its workers do not say (FastChat's) or cannot be reached."""
+        try:
+            details = await self.backend.model_details(model)
+        except BackendError as exc:
+            logger.warning("No defaults from %s: %r", model, exc)
+            return None
+        return details.chat_defaults
 
     async def answer(
         self, history: Sequence[Turn], question: str, options: ChatOptions
@@ -117,7 +130,7 @@ class ChatSession:
                     f"the model's context length of {context} tokens.",
                 )
                 return
-            params = build_params(history, question, options, context_length=context)
+            params = build_params(history, question, options)
             stream = self.backend.generate_stream(options.model, params)
             async with aclosing(stream):
                 async for chunk in stream:

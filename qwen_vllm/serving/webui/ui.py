@@ -15,6 +15,7 @@ import gradio as gr
 from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
 from qwen_vllm.serving.client import BackendError
 from qwen_vllm.serving.webui.session import (
+    PAGE_MAX_NEW_TOKENS,
     ChatOptions,
     ChatSession,
     Turn,
@@ -25,6 +26,8 @@ TITLE = "Qwen chat"
 # Generations running at once per event; they are async, no thread each.
 CONCURRENCY_LIMIT = 64
 MAX_TOKENS_LIMIT = 8192
+MIN_MAX_TOKENS = 16
+MIN_TOP_P = 0.05
 
 ELEMENT_IDS = {
     "model": "model",
@@ -112,6 +115,18 @@ class ChatHandlers:
         value = current if current in models else (models[0] if models else None)
         status = "" if models else "⚠️ No model is being served right now."
         return gr.Dropdown(choices=models, value=value), status
+
+    async def model_defaults(self, model: str | None) -> tuple[Any, Any, Any]:
+        """Temperature, top p and max tokens set to the model's defaults."""
+        defaults = await self.session().chat_defaults(model) if model else None
+        if defaults is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        max_tokens = defaults.max_new_tokens or PAGE_MAX_NEW_TOKENS
+        return (
+            min(max(defaults.temperature, 0.0), 2.0),
+            min(max(defaults.top_p, MIN_TOP_P), 1.0),
+            min(max(max_tokens, MIN_MAX_TOKENS), MAX_TOKENS_LIMIT),
+        )
 
     async def send(
         self, message: str, history: list[Turn] | None, *settings: Any
@@ -209,23 +224,23 @@ def build_blocks(session: SessionSource) -> gr.Blocks:
                 temperature = gr.Slider(
                     0.0,
                     2.0,
-                    value=0.7,
+                    value=ChatOptions.temperature,
                     step=0.05,
                     label="Temperature",
                     elem_id=ELEMENT_IDS["temperature"],
                 )
                 top_p = gr.Slider(
-                    0.05,
+                    MIN_TOP_P,
                     1.0,
-                    value=0.8,
+                    value=ChatOptions.top_p,
                     step=0.05,
                     label="Top p",
                     elem_id=ELEMENT_IDS["top_p"],
                 )
                 max_tokens = gr.Slider(
-                    16,
+                    MIN_MAX_TOKENS,
                     MAX_TOKENS_LIMIT,
-                    value=512,
+                    value=ChatOptions.max_new_tokens,
                     step=16,
                     label="Max tokens",
                     elem_id=ELEMENT_IDS["max_tokens"],
@@ -234,6 +249,8 @@ def build_blocks(session: SessionSource) -> gr.Blocks:
         settings = [model, system, temperature, top_p, max_tokens]
         blocks.load(handlers.refresh_models, [model], [model, status])
         refresh_btn.click(handlers.refresh_models, [model], [model, status])
+        # A model's generation_config.json sets where the sliders start.
+        model.change(handlers.model_defaults, [model], [temperature, top_p, max_tokens])
         chat_event = gr.on(
             [textbox.submit, send_btn.click],
             handlers.send,

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from qwen_vllm.serving.protocol import (
     QWEN_CONV_TEMPLATE,
+    ChatDefaults,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
@@ -39,6 +40,8 @@ class Engine(Protocol):
     """What the worker needs from a model engine."""
 
     context_length: int
+    chat_defaults: ChatDefaults
+    generation_defaults: str  # every default, as the start log shows them
 
     def queue_length(self) -> int: ...
 
@@ -241,7 +244,12 @@ def create_app(
 
     @app.post("/model_details")
     async def model_details() -> dict:
-        return {"context_length": engine.context_length, "model": model_name}
+        return {
+            "context_length": engine.context_length,
+            "model": model_name,
+            "chat_defaults": engine.chat_defaults.model_dump(),
+            "generation_defaults": engine.generation_defaults,
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from qwen_vllm.chat.chatml import DEFAULT_MAX_WINDOW_SIZE, build_prompt_ids
+from qwen_vllm.chat.chatml import build_prompt_ids
 from qwen_vllm.chat.vocab import with_chatml_stops
+from qwen_vllm.model.generation_defaults import GenerationDefaults
 from qwen_vllm.serving.protocol import (
+    ChatDefaults,
     ErrorCode,
     GenerateChunk,
     GenerateParams,
@@ -96,6 +98,28 @@ def kv_cache_request(settings: WorkerSettings, per_rank_bytes: int | None) -> di
     return memory.worker_request(settings.workers_per_node, total)
 
 
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def _sampling_fields(params: GenerateParams) -> dict[str, Any]:
+    """The sampling fields the request set, in SamplingParams' terms."""
+    fields = {
+        name: getattr(params, name)
+        for name in _SAMPLING_FIELDS
+        if getattr(params, name) is not None
+    }
+    if fields.get("top_k", 0) < 0:  # FastChat's "off"
+        fields["top_k"] = 0
+    return fields
+
+
 class VllmEngine:
     """Adapts AsyncLLM to the worker protocol: ChatML, stop ids, chunks."""
 
@@ -103,6 +127,14 @@ class VllmEngine:
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         self.context_length: int = llm.model_config.max_model_len
+        self.defaults = GenerationDefaults.of(llm.model_config)
+        self.generation_defaults = self.defaults.describe()
+        logger.info("generation defaults: %s", self.generation_defaults)
+        self.chat_defaults = ChatDefaults(
+            temperature=self.defaults.sampling.get("temperature", 1.0),
+            top_p=self.defaults.sampling.get("top_p", 1.0),
+            max_new_tokens=self.defaults.max_new_tokens,
+        )
         self._in_flight = 0
 
     @classmethod
@@ -140,7 +172,9 @@ class VllmEngine:
     def prompt_ids(self, params: GenerateParams) -> list[int]:
         if params.messages is not None:
             messages = [m.model_dump() for m in params.messages]
-            window = params.max_window_size or DEFAULT_MAX_WINDOW_SIZE
+            window = params.max_window_size or self.defaults.window(
+                self.context_length, params.max_new_tokens
+            )
             try:
                 ids = build_prompt_ids(
                     messages,
@@ -174,7 +208,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
 
         room = self.context_length - prompt_len
-        max_tokens = room if params.max_new_tokens is None else params.max_new_tokens
+        max_tokens = self.defaults.max_tokens(params.max_new_tokens, room)
         if max_tokens > room:
             raise RequestError(
                 ErrorCode.PARAM_OUT_OF_RANGE,
@@ -182,17 +216,14 @@ class VllmEngine:
                 f"tokens; the prompt has {prompt_len} tokens, so max_tokens can be "
                 f"at most {room}, not {max_tokens}.",
             )
+        # The request's fields over the model's defaults (GenerationDefaults).
+        sampling = {**self.defaults.sampling, **_sampling_fields(params)}
         stop_ids = with_chatml_stops(params.stop_token_ids or ())
         try:
             structured = _structured_outputs(params.structured_outputs)
             return SamplingParams(
                 n=1,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=0 if params.top_k is None or params.top_k < 0 else params.top_k,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty,
-                repetition_penalty=params.repetition_penalty,
+                **sampling,
                 max_tokens=max(1, max_tokens),
                 stop=params.stop_strings() or None,
                 stop_token_ids=stop_ids,
