@@ -323,7 +323,7 @@ async def test_no_secret_in_logs_or_error_bodies(
                     asgi_client(gateway) as client,
                     asgi_client(wrong_token_gateway) as other,
                 ):
-                    await _wait_for_model(client)
+                    await _wait_until_routable(controller.url)
                     for response in await _exercise(client, other, controller.url):
                         bodies.append(response.text)
                 # A dead worker in the routing table: calls to it fail and log.
@@ -363,14 +363,20 @@ async def test_no_secret_in_logs_or_error_bodies(
         assert_no_secret(repr(settings) + str(settings))
 
 
-async def _wait_for_model(client: httpx.AsyncClient) -> None:
-    headers = {"Authorization": f"Bearer {KEYS[0]}"}
-    for _ in range(100):
-        reply = await client.get("/v1/models", headers=headers)
-        if reply.status_code == 200 and reply.json()["data"]:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the worker never registered")
+async def _wait_until_routable(controller_url: str) -> None:
+    """Until the controller routes to the worker: listed is not enough, a
+    worker gets traffic only after a probe has seen its proof of the token."""
+    async with httpx.AsyncClient(
+        base_url=controller_url,
+        headers={INTERNAL_TOKEN_HEADER: TOKEN},
+        trust_env=False,
+    ) as internal:
+        for _ in range(100):
+            reply = await internal.post("/get_worker_address", json={"model": MODEL})
+            if reply.status_code == 200 and reply.json()["address"]:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError("the controller never routed to the worker")
 
 
 async def _exercise(
