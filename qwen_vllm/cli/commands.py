@@ -130,7 +130,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model in the terminal (streams tokens)",
         description="An interactive terminal chat: answers stream as they are "
-        "generated. Commands: :clear, :system <text>, :help, :exit.",
+        "generated. The commands of Qwen's cli_demo.py (:h lists them) and "
+        ":system <text>.",
     )
     p.add_argument("--model", default=None, help="Qwen v1 checkpoint (default: demo)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -139,6 +140,13 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, help=f"per answer; {source}")
     p.add_argument("--temperature", type=float, default=None, help=source)
     p.add_argument("--top-p", type=float, default=None, help=source)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sample every answer with this seed, as Qwen's cli_demo.py does: "
+        "the same question gives the same answer (default: unseeded)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="faster start")
@@ -161,8 +169,10 @@ def _run_chat(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from exc
     from qwen_vllm.chat.chatml import DEFAULT_SYSTEM
     from qwen_vllm.offline.qwen_chat import QwenChat
-    from qwen_vllm.offline.terminal_chat import TerminalChat
+    from qwen_vllm.offline.terminal_chat import TerminalChat, seed_problem
 
+    if args.seed is not None and (problem := seed_problem(args.seed)):
+        raise CliError(problem)
     print(f"loading {args.model or 'the demo model'} ...", flush=True)
     engine_kwargs = {"dtype": args.dtype, "enforce_eager": args.enforce_eager}
     if args.max_model_len:
@@ -175,7 +185,10 @@ def _run_chat(args: argparse.Namespace) -> None:
     sampling = {name: value for name, value in asked.items() if value is not None}
     with QwenChat(args.model, args.tensor_parallel_size, **engine_kwargs) as chat:
         TerminalChat(
-            chat, system=args.system or DEFAULT_SYSTEM, sampling=sampling
+            chat,
+            system=args.system or DEFAULT_SYSTEM,
+            sampling=sampling,
+            seed=args.seed,
         ).run()
 
 

@@ -3,8 +3,10 @@
     chat = QwenChat()                      # the demo model; or QwenChat("Qwen-7B-Chat")
     response, history = chat.chat("你好")
     response, history = chat.chat("Tell me more", history=history)
-    for delta in chat.chat_stream("Write a poem"):
+    for delta in chat.chat_stream("Write a poem"):  # the new text each time
         print(delta, end="", flush=True)
+    for text in chat.chat_stream_cumulative("Write a poem"):  # all so far, as HF
+        show(text)
     answers = chat.chat_batch(["Hi", "Bonjour", "你好"])
 
 Prompts are ChatML token ids built structurally (qwen_vllm.chat.chatml), so a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +83,12 @@ class QwenChat:
         system: str | None = None,
         **sampling: Any,
     ) -> Iterator[str]:
-        """Text deltas of the reply as the model produces them."""
+        """The reply in pieces as the model produces them: each item is the
+        text new since the last, so joined they make the reply.
+
+        HF's `model.chat_stream` yields the whole reply so far instead; that is
+        `chat_stream_cumulative`. Leaving the loop early stops the generation.
+        """
         from vllm.sampling_params import RequestOutputKind
 
         params = self.sampling_params(output_kind=RequestOutputKind.DELTA, **sampling)
@@ -97,6 +105,21 @@ class QwenChat:
         finally:
             if self.engine.has_unfinished_requests():
                 self.engine.abort_request([request_id])
+
+    def chat_stream_cumulative(
+        self,
+        query: str,
+        history: Sequence[tuple[str, str]] | None = None,
+        system: str | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """The reply so far, each time it grows, as HF's `model.chat_stream`
+        yields it; the last item is the whole reply."""
+        text = ""
+        with closing(self.chat_stream(query, history, system, **sampling)) as deltas:
+            for delta in deltas:
+                text += delta
+                yield text
 
     def chat_batch(
         self, items: Sequence[BatchItem], system: str | None = None, **sampling: Any
