@@ -226,8 +226,13 @@ def plan_serve_node(settings: ServeSettings, machine: Machine) -> Plan:
             env["CUDA_VISIBLE_DEVICES"] = ""
         if "tensor_parallel_size" not in explicit:
             # The CPU path doubles as the tensor-parallel demo: TP 2 whenever
-            # the machine has two cores and the model two heads to split.
-            two = len(machine.usable_cores) >= 2 and model.attention_heads % 2 == 0
+            # the machine has two cores and the model two heads to split (and,
+            # if GPTQ, quantization groups that split in two).
+            two = (
+                len(machine.usable_cores) >= 2
+                and model.attention_heads % 2 == 0
+                and model.tensor_parallel_refusal(2) is None
+            )
             settings = _rebuild(settings, tensor_parallel_size=2 if two else 1)
         tp = settings.tensor_parallel_size
         check_tensor_parallel(tp, model)

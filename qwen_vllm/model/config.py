@@ -7,17 +7,10 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-logger = logging.getLogger(__name__)
+# Read the same way by the pure-Python checks of qwen_vllm.model.sizes.
+from qwen_vllm.model.sizes import DEFAULTS, GPT2_STYLE_NAMES
 
-# Field names of the first Qwen-7B-Chat release, which followed GPT-2.
-_GPT2_STYLE_NAMES = {
-    "n_embd": "hidden_size",
-    "n_layer": "num_hidden_layers",
-    "n_head": "num_attention_heads",
-    "ffn_hidden_size": "intermediate_size",
-    "n_positions": "max_position_embeddings",
-    "padded_vocab_size": "vocab_size",
-}
+logger = logging.getLogger(__name__)
 
 # Fields that would change the forward pass in ways this implementation does
 # not reproduce. Each maps to the only value we accept (None: must be absent).
@@ -33,37 +26,18 @@ _UNSERVABLE_FIELDS: dict[str, Any] = {
 }
 
 
-# Qwen-7B's values, the defaults of the published config class.
-_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "kv_channels": 128,
-    "intermediate_size": 22016,
-    "layer_norm_epsilon": 1e-6,
-    "rotary_pct": 1.0,
-    "rotary_emb_base": 10000.0,
-    "seq_length": 8192,
-    "max_position_embeddings": 8192,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "initializer_range": 0.02,
-}
-
-
 class QWenConfig(PretrainedConfig):
     model_type = "qwen"
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(self, **kwargs: Any) -> None:
-        for old, new in _GPT2_STYLE_NAMES.items():
+        for old, new in GPT2_STYLE_NAMES.items():
             if old in kwargs:
                 kwargs.setdefault(new, kwargs.pop(old))
         # 72B sets rope_theta next to rotary_emb_base; both mean the same.
         if "rope_theta" in kwargs:
             kwargs["rotary_emb_base"] = kwargs.pop("rope_theta")
-        for name, default in _DEFAULTS.items():
+        for name, default in DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
         self.head_dim = self.kv_channels
         # Checked when loading: transformers would turn some of these (e.g.

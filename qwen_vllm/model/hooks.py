@@ -10,6 +10,8 @@ from vllm.transformers_utils.model_arch_config_convertor import (
     ModelArchConfigConvertorBase,
 )
 
+from qwen_vllm.model.sizes import TensorParallelMismatch, tensor_parallel_refusal
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,7 @@ class QWenConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         _check_quantization_kernels(vllm_config)
+        _check_tensor_parallel_split(vllm_config)
         _check_kv_cache_kernels(vllm_config)
         _size_kv_cache(vllm_config)
         hf_config = vllm_config.model_config.hf_config
@@ -79,6 +82,15 @@ def _check_quantization_kernels(vllm_config: VllmConfig) -> None:
             f"This is a {bits}-bit GPTQ checkpoint; vLLM's CPU GPTQ kernel runs only "
             "4-bit weights. Serve it on a GPU, or use the -Int4 release on CPU."
         )
+
+
+def _check_tensor_parallel_split(vllm_config: VllmConfig) -> None:
+    """Refuse GPTQ weights whose quantization groups do not split over the
+    ranks, before vLLM would fail loading them in every rank (model/sizes.py)."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    refusal = tensor_parallel_refusal(vllm_config.model_config.hf_config, tp)
+    if refusal is not None:
+        raise TensorParallelMismatch(refusal)
 
 
 def _check_kv_cache_kernels(vllm_config: VllmConfig) -> None:

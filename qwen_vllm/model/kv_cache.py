@@ -291,14 +291,17 @@ def worker_request(share: int, total_bytes: int | None) -> dict:
     return {WORKER_REQUEST_KEY: {"share": share, "total_bytes": total_bytes}}
 
 
-def refusal_in(exc: BaseException) -> InsufficientMemory | None:
-    """Our refusal, also when vLLM's config has wrapped it in pydantic's
-    ValidationError (the config hook runs while vLLM validates its config)."""
-    if isinstance(exc, InsufficientMemory):
+def refusal_in(
+    exc: BaseException, kinds: tuple[type[ValueError], ...] = (InsufficientMemory,)
+) -> ValueError | None:
+    """Our config hook's refusal (one of `kinds`), also when vLLM's config has
+    wrapped it in pydantic's ValidationError (the hook runs while vLLM
+    validates its config)."""
+    if isinstance(exc, kinds):
         return exc
     errors = getattr(exc, "errors", None)
     for error in errors() if callable(errors) else ():
         cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, InsufficientMemory):
+        if isinstance(cause, kinds):
             return cause
     return None

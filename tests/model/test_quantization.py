@@ -8,6 +8,7 @@ AVX-512 CPU. Where the kernel is missing the user gets a plain error.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from qwen_vllm.model import hooks as arch
+from qwen_vllm.model.sizes import TensorParallelMismatch
 from tests.gptq_checkpoint import dequantized_weights, write_gptq_checkpoint
 from tests.reference_qwen import ReferenceQwenV1
 
@@ -83,6 +85,58 @@ def test_8_bit_gptq_on_cpu_is_refused_plainly(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.ops._C, "cpu_gemm_wna16", object(), raising=False)
     with pytest.raises(Exception, match="8-bit GPTQ checkpoint"):
         EngineArgs(model=str(int8_dir), max_model_len=256).create_engine_config()
+
+
+# Groups of 64 over an MLP 192 wide: at TP 2 each rank would get 96 inputs of
+# mlp.c_proj, one and a half groups.
+UNSPLITTABLE = DemoModelSpec(
+    hidden_size=128, num_attention_heads=4, intermediate_size=384
+)
+STRADDLING = (
+    "tensor_parallel_size 2 splits the 192 inputs of the MLP's output projection "
+    "(mlp.c_proj) into 96 per rank, not a multiple of the GPTQ group size 64; "
+    "sizes that work for this checkpoint: 1"
+)
+
+
+@pytest.fixture(scope="module")
+def unsplittable_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq-groups")
+    source = write_demo_model(root / "fp", UNSPLITTABLE)
+    return write_gptq_checkpoint(source, root / "Int4-group64", bits=4, group=64)
+
+
+def test_groups_straddling_ranks_are_refused_before_any_engine(unsplittable_dir):
+    # `vllm serve`, LLM and the worker all build this config first.
+    from vllm.engine.arg_utils import EngineArgs
+
+    def config(tp: int):
+        return EngineArgs(
+            model=str(unsplittable_dir), max_model_len=256, tensor_parallel_size=tp
+        ).create_engine_config()
+
+    with pytest.raises(Exception, match=re.escape(STRADDLING)):
+        config(2)
+    assert config(1).parallel_config.tensor_parallel_size == 1
+
+
+def test_the_worker_reports_the_refusal_as_itself(unsplittable_dir, monkeypatch):
+    # Unwrapped from vLLM's ValidationError, so the supervisor does not retry.
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from qwen_vllm.serving.settings import WorkerSettings
+    from qwen_vllm.serving.worker.engine import VllmEngine
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine started")
+
+    monkeypatch.setattr(AsyncLLM, "from_vllm_config", no_engine)
+    settings = WorkerSettings(
+        model=str(unsplittable_dir), tensor_parallel_size=2, max_model_len=256
+    )
+    with pytest.raises(TensorParallelMismatch) as refused:
+        VllmEngine.start(settings)
+    assert str(refused.value) == STRADDLING
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
