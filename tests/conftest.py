@@ -72,12 +72,20 @@ def wide_dir(tmp_path_factory) -> Path:
 class Stack:
     """A running `qwen-vllm serve` deployment on loopback ports."""
 
-    api_key = "sk-test-key"
-
-    def __init__(self, model_dir: Path, log: Path, num_workers: int = 2) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log: Path,
+        num_workers: int = 2,
+        *,
+        aliases: tuple[str, ...] = (),
+        api_key: str | None = "sk-test-key",
+    ) -> None:
         self.model_dir = model_dir
         self.num_workers = num_workers
         self.model = model_dir.name
+        self.model_names = [self.model, *aliases]
+        self.api_key = api_key
         self.log = log
         self.port = free_port()
         self.controller_port = free_port()
@@ -107,13 +115,17 @@ class Stack:
             str(self.worker_port),
             "--webui-port",
             str(self.webui_port),
-            "--api-key",
-            self.api_key,
             "--heartbeat-interval",
             "2",
             # FastChat's own servers (tests/serving) call the controller and
             # the workers, and send no internal token.
             "--insecure-no-internal-token",
+            *(["--api-key", self.api_key] if self.api_key else []),
+            *(
+                ["--model-name", ",".join(self.model_names)]
+                if len(self.model_names) > 1
+                else []
+            ),
         ]
 
     def workers(self) -> list[dict]:

@@ -8,6 +8,10 @@ import xgrammar
 from xgrammar.testing import _is_grammar_accept_string
 
 
-def accepts(structured_outputs: dict[str, Any], text: str) -> bool:
+def accepts(
+    structured_outputs: dict[str, Any], text: str, *, whole: bool = True
+) -> bool:
+    """`whole=False`: `text` may be cut short, as long as it can still go on
+    to an accepted text."""
     grammar = xgrammar.Grammar.from_structural_tag(structured_outputs["structural_tag"])
-    return _is_grammar_accept_string(grammar, text)
+    return _is_grammar_accept_string(grammar, text, require_termination=whole)

@@ -34,11 +34,6 @@ from qwen_vllm.chat.react import THOUGHT_PREFIX, ToolSpec
 THOUGHT_MAX_CHARS = 400
 _JSON_MAX_WHITESPACE = 1
 ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
-NO_ARGUMENTS: Mapping[str, Any] = {
-    "type": "object",
-    "properties": {},
-    "additionalProperties": False,
-}
 # A final answer in free text.
 ANY_TEXT: Mapping[str, Any] = {"type": "any_text"}
 
@@ -92,7 +87,7 @@ def _one_of(elements: list[dict[str, Any]]) -> dict[str, Any]:
 def _action(tool: ToolSpec) -> dict[str, Any]:
     return _sequence(
         _text(f"Action: {tool.name}\nAction Input: "),
-        json_format(tool.parameters or NO_ARGUMENTS),
+        json_format(tool.arguments_schema),
     )
 
 

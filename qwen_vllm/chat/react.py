@@ -70,19 +70,30 @@ class ReactFormatError(ValueError):
 
 @dataclass(frozen=True)
 class ToolSpec:
-    name: str
+    """A tool as the prompt describes it, in either of the forms Qwen's server
+    takes: OpenAI's (name, description, parameters as a JSON Schema) or
+    Qwen's own (name_for_model, name_for_human, description_for_model,
+    parameters as a list of {name, description, required, schema})."""
+
+    name: str  # what the model writes after "Action:"
     description: str = ""
-    parameters: Mapping[str, Any] | None = None
+    # As the client sent them: the prompt shows them unchanged.
+    parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
+    human_name: str = ""  # "name_for_human"; the model name when not given
 
     @classmethod
     def from_function(cls, function: Mapping[str, Any] | Any) -> ToolSpec:
-        """From an OpenAI function definition (`tools[].function`, `functions[]`),
-        a mapping or a pydantic model of one."""
+        """From a function definition (`tools[].function`, `functions[]`) in
+        either form, a mapping or a pydantic model of one."""
         function = _as_mapping(function)
+        name = function.get("name_for_model") or function["name"]
         return cls(
-            name=function["name"],
-            description=function.get("description") or "",
+            name=name,
+            description=function.get("description_for_model")
+            or function.get("description")
+            or "",
             parameters=function.get("parameters"),
+            human_name=function.get("name_for_human") or name,
         )
 
     @classmethod
@@ -91,6 +102,42 @@ class ToolSpec:
         a pydantic model of one."""
         tool = _as_mapping(tool)
         return cls.from_function(tool.get("function") or tool)
+
+    @property
+    def arguments_schema(self) -> Mapping[str, Any]:
+        """The JSON Schema that an "Action Input" must satisfy."""
+        if not self.parameters:
+            return NO_ARGUMENTS
+        if isinstance(self.parameters, Mapping):
+            return self.parameters
+        return parameter_list_schema(self.parameters)
+
+
+NO_ARGUMENTS: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}
+# What the prompt shows for a tool defined without parameters.
+_NO_PARAMETERS_SHOWN: Mapping[str, Any] = {"type": "object", "properties": {}}
+
+
+def parameter_list_schema(parameters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Qwen's list of parameters as the JSON Schema of an object.
+
+    Each item names one property; its type is its `schema` (Qwen's examples)
+    or a bare `type`; `required: true` makes it required.
+    """
+    properties: dict[str, Any] = {}
+    required = []
+    for item in parameters:
+        schema = item.get("schema")
+        if schema is None and "type" in item:
+            schema = {"type": item["type"]}
+        properties[item["name"]] = dict(schema or {})
+        if item.get("required"):
+            required.append(item["name"])
+    return {"type": "object", "properties": properties, "required": required}
 
 
 def _as_mapping(definition: Mapping[str, Any] | Any) -> Mapping[str, Any]:
@@ -136,7 +183,8 @@ class ReactStreamEnd:
 
 
 def tools_instruction(tools: Sequence[ToolSpec]) -> str:
-    """The tool block and ReAct instructions placed before the user's question.
+    """The tool block and ReAct instructions placed before the user's question,
+    worded as Qwen's own OpenAI-style server words them.
 
     The same for every tool_choice: which tools may be called is enforced by
     the output constraint (qwen_vllm.chat.constraints), not by extra words
@@ -146,7 +194,7 @@ def tools_instruction(tools: Sequence[ToolSpec]) -> str:
     names = ", ".join(tool.name for tool in tools)
     lines = [
         "Answer the following questions as best you can. "
-        "You have access to the following tools:",
+        "You have access to the following APIs:",
         "",
         descriptions,
         "",
@@ -162,20 +210,23 @@ def tools_instruction(tools: Sequence[ToolSpec]) -> str:
         "Thought: I now know the final answer",
         "Final Answer: the final answer to the original input question",
         "",
+        "Begin!",
     ]
-    lines.append("Begin!")
     return "\n".join(lines)
 
 
 def _describe(tool: ToolSpec) -> str:
+    # Parameters exactly as sent, in whichever form; Qwen's own descriptions
+    # carry any format hint ("Format the arguments as a JSON object.").
     parameters = json.dumps(
-        dict(tool.parameters or {"type": "object", "properties": {}}),
+        _NO_PARAMETERS_SHOWN if tool.parameters is None else tool.parameters,
         ensure_ascii=False,
     )
+    human = tool.human_name or tool.name
     return (
-        f"{tool.name}: Call this tool to interact with the {tool.name} API. "
-        f"What is the {tool.name} API useful for? {tool.description.strip()} "
-        f"Parameters: {parameters} Format the arguments as a JSON object."
+        f"{tool.name}: Call this tool to interact with the {human} API. "
+        f"What is the {human} API useful for? {tool.description} "
+        f"Parameters: {parameters}"
     )
 
 

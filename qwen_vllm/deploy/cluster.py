@@ -27,6 +27,7 @@ from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.deploy.machine import bind_error
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
 from qwen_vllm.model.kv_cache import InsufficientMemory
+from qwen_vllm.model.sizes import TensorParallelMismatch
 from qwen_vllm.serving.security import (
     exposure,
     new_secret,
@@ -87,7 +88,9 @@ class ServiceActor:
             logger.exception("%s failed", self.kind)
             self.failure = f"{type(exc).__name__}: {exc}"
             # A refusal explained by our own checks will fail the same way again.
-            self.fatal = isinstance(exc, (InsufficientMemory, FileNotFoundError))
+            self.fatal = isinstance(
+                exc, (InsufficientMemory, TensorParallelMismatch, FileNotFoundError)
+            )
         finally:
             self.done.set()
 
@@ -518,10 +521,11 @@ def endpoints(settings: ServeSettings, host: str = "127.0.0.1") -> list[str]:
     shown = (
         host if settings.host == "127.0.0.1" else reachable_host(settings.host, host)
     )
-    lines = [
-        f"OpenAI API   http://{shown}:{settings.port}/v1  "
-        f"(model {settings.served_model_name()!r})",
-    ]
+    names = settings.served_model_names()
+    called = f"model {names[0]!r}" + (
+        f", also {', '.join(map(repr, names[1:]))}" if names[1:] else ""
+    )
+    lines = [f"OpenAI API   http://{shown}:{settings.port}/v1  ({called})"]
     if settings.webui:
         lines.append(
             f"web UI       http://{shown}:{settings.webui_port}{settings.webui_root_path}"

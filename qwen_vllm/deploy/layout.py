@@ -1,9 +1,9 @@
 """The model check and the device layouts a launch plan is built from.
 
-The model's attention heads decide which tensor-parallel sizes work; a layout
-is which GPUs (consecutive device ids) or CPU cores (the binding `qwen-vllm
-serve` uses) each worker gets. Every check fails with a LaunchError that names
-the flag to change.
+The model's attention heads (and a GPTQ checkpoint's quantization groups)
+decide which tensor-parallel sizes work; a layout is which GPUs (consecutive
+device ids) or CPU cores (the binding `qwen-vllm serve` uses) each worker gets.
+Every check fails with a LaunchError that names the flag to change.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from qwen_vllm.checkpoints.demo import DemoModelSpec
 from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.cluster import cpu_binding
 from qwen_vllm.deploy.machine import LaunchError, Machine
+from qwen_vllm.model.sizes import GptqSplit
 from qwen_vllm.serving.settings import ServeSettings
 
 
@@ -24,14 +25,22 @@ class ModelInfo:
     path: str | None  # absolute checkpoint directory; None: the demo model
     name: str  # what clients ask for
     attention_heads: int
+    gptq: GptqSplit | None = None  # how GPTQ weights split over ranks
 
     def describe(self) -> str:
         where = self.path or "generated on first use"
-        return f"{self.name} ({where}), {self.attention_heads} attention heads"
+        text = f"{self.name} ({where}), {self.attention_heads} attention heads"
+        if self.gptq is not None:
+            text += f", GPTQ {self.gptq.bits}-bit, group size {self.gptq.group_size}"
+        return text
+
+    def tensor_parallel_refusal(self, tp: int) -> str | None:
+        """Why the weights do not split over tp ranks (GPTQ groups), or None."""
+        return None if self.gptq is None else self.gptq.refusal(tp)
 
 
 def read_model(settings: ServeSettings) -> ModelInfo:
-    """The checkpoint's attention-head count, from config.json."""
+    """The checkpoint's attention-head count and GPTQ sizes, from config.json."""
     if settings.model is None:
         return ModelInfo(
             None, settings.served_model_name(), DemoModelSpec().num_attention_heads
@@ -49,13 +58,21 @@ def read_model(settings: ServeSettings) -> ModelInfo:
             f"{config_file} has no num_attention_heads (or n_head); is this a "
             "Qwen v1 checkpoint?"
         )
-    name = settings.model_name or path.name
-    return ModelInfo(str(path), name, heads)
+    try:
+        gptq = GptqSplit.of(config)
+    except ValueError as exc:
+        raise LaunchError(f"{config_file}: {exc}") from exc
+    name = settings.served_model_name()
+    return ModelInfo(str(path), name, heads, gptq)
 
 
 def check_tensor_parallel(tp: int, model: ModelInfo) -> None:
     # vLLM splits the attention heads (and the MLP) evenly across ranks.
-    valid = [n for n in (1, 2, 4, 8, 16, 32, 64) if model.attention_heads % n == 0]
+    valid = [
+        n
+        for n in (1, 2, 4, 8, 16, 32, 64)
+        if model.attention_heads % n == 0 and model.tensor_parallel_refusal(n) is None
+    ]
     choices = ", ".join(map(str, valid))
     if tp & (tp - 1):
         raise LaunchError(
@@ -68,6 +85,9 @@ def check_tensor_parallel(tp: int, model: ModelInfo) -> None:
             f"{model.attention_heads} attention heads of {model.name} "
             f"(num_attention_heads in config.json); use one of {choices}"
         )
+    refusal = model.tensor_parallel_refusal(tp)
+    if refusal is not None:
+        raise LaunchError(f"--tensor-parallel-size {tp} for {model.name}: {refusal}")
 
 
 @dataclass(frozen=True)

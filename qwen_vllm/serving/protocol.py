@@ -105,6 +105,9 @@ class GenerateParams(_Message):
     repetition_penalty: float | None = None
     # None: the model's max_new_tokens, else whatever room the context leaves.
     max_new_tokens: int | None = None
+    # Extension (Qwen's server, HF's max_length): prompt and answer together,
+    # in tokens; used when max_new_tokens is not set.
+    max_length: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     echo: bool = False

@@ -28,6 +28,13 @@ from qwen_vllm.serving.security import reachable_host
 ENV_PREFIX = "QWEN_VLLM_"
 
 
+def split_commas(value: Any) -> Any:
+    """A comma-separated string (a flag or an environment variable) as a list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", validate_default=True
@@ -90,10 +97,12 @@ class WorkerFields(_Settings):
         description="Qwen v1 checkpoint directory; default: the embedded demo "
         "model, generated on first use.",
     )
-    model_name: str | None = Field(
-        None,
-        description="Name clients use for the model (default: the checkpoint "
-        "directory's name).",
+    model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Name(s) clients use for the model, comma-separated: the "
+        "first is its own, the others aliases (e.g. Qwen-7B-Chat,Qwen,"
+        "gpt-3.5-turbo for Qwen's own clients); default: the checkpoint "
+        "directory's name.",
     )
     tensor_parallel_size: int = Field(
         1,
@@ -142,12 +151,28 @@ class WorkerFields(_Settings):
         "environment).",
     )
 
-    def served_model_name(self) -> str:
+    @field_validator("model_name", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        return split_commas(value)
+
+    @field_validator("model_name")
+    @classmethod
+    def _distinct_names(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"names must differ, got {','.join(names)}")
+        return names
+
+    def served_model_names(self) -> list[str]:
+        """Every name the model answers to; the first is its own."""
         if self.model_name:
-            return self.model_name
+            return list(self.model_name)
         if self.model is None:
-            return DEMO_MODEL_NAME
-        return Path(self.model).resolve().name
+            return [DEMO_MODEL_NAME]
+        return [Path(self.model).resolve().name]
+
+    def served_model_name(self) -> str:
+        return self.served_model_names()[0]
 
 
 class GatewayFields(_Settings):
@@ -178,13 +203,16 @@ class GatewayFields(_Settings):
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a worker may take for one request."
     )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins whose pages may call the API from a browser "
+        "(CORS; comma-separated, '*' for any); none: no cross-origin access.",
+    )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "allowed_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
+    def _split_commas(cls, value: Any) -> Any:
+        return split_commas(value)
 
 
 class WebUIFields(_Settings):

@@ -52,14 +52,15 @@ def stream(text: str, sizes: list[int], prefix: str = "", **kwargs):
 
 
 def test_instruction_lists_every_tool_in_the_react_format() -> None:
+    # Written from the prompt format of Qwen's OpenAI-style server.
     text = tools_instruction([WEATHER, TIME])
     assert text.startswith(
         "Answer the following questions as best you can. "
-        "You have access to the following tools:\n\n"
+        "You have access to the following APIs:\n\n"
         "get_weather: Call this tool to interact with the get_weather API. "
         "What is the get_weather API useful for? Current weather of a city. "
         'Parameters: {"type": "object", "properties": {"city": {"type": '
-        '"string"}}} Format the arguments as a JSON object.\n\nget_time:'
+        '"string"}}}\n\nget_time:'
     )
     for line in (
         "Question: the input question you must answer",
@@ -71,6 +72,76 @@ def test_instruction_lists_every_tool_in_the_react_format() -> None:
     ):
         assert "\n" + line + "\n" in text
     assert text.endswith("\n\nBegin!")
+
+
+# A function in Qwen's own form, as the Qwen repository's examples send it.
+SEARCH = {
+    "name_for_human": "谷歌搜索",
+    "name_for_model": "google_search",
+    "description_for_model": (
+        "谷歌搜索是一个通用搜索引擎。 Format the arguments as a JSON object."
+    ),
+    "parameters": [
+        {
+            "name": "search_query",
+            "description": "搜索关键词或短语",
+            "required": True,
+            "schema": {"type": "string"},
+        },
+        {"name": "page", "description": "页码", "type": "integer"},
+    ],
+}
+
+
+def test_qwen_form_functions_render_as_qwens_server_renders_them() -> None:
+    spec = ToolSpec.from_function(SEARCH)
+    weather = ToolSpec.from_function(
+        {"name": "get_weather", "description": "Weather.", "parameters": {}}
+    )
+    assert tools_instruction([spec, weather]) == (
+        "Answer the following questions as best you can. You have access to the "
+        "following APIs:\n"
+        "\n"
+        "google_search: Call this tool to interact with the 谷歌搜索 API. What is "
+        "the 谷歌搜索 API useful for? 谷歌搜索是一个通用搜索引擎。 Format the "
+        "arguments as a JSON object. Parameters: "
+        '[{"name": "search_query", "description": "搜索关键词或短语", '
+        '"required": true, "schema": {"type": "string"}}, '
+        '{"name": "page", "description": "页码", "type": "integer"}]\n'
+        "\n"
+        "get_weather: Call this tool to interact with the get_weather API. What "
+        "is the get_weather API useful for? Weather. Parameters: {}\n"
+        "\n"
+        "Use the following format:\n"
+        "\n"
+        "Question: the input question you must answer\n"
+        "Thought: you should always think about what to do\n"
+        "Action: the action to take, should be one of [google_search, "
+        "get_weather]\n"
+        "Action Input: the input to the action\n"
+        "Observation: the result of the action\n"
+        "... (this Thought/Action/Action Input/Observation can be repeated zero "
+        "or more times)\n"
+        "Thought: I now know the final answer\n"
+        "Final Answer: the final answer to the original input question\n"
+        "\n"
+        "Begin!"
+    )
+
+
+def test_qwen_parameter_lists_become_the_schema_of_the_arguments() -> None:
+    spec = ToolSpec.from_function(SEARCH)
+    assert spec.arguments_schema == {
+        "type": "object",
+        "properties": {"search_query": {"type": "string"}, "page": {"type": "integer"}},
+        "required": ["search_query"],
+    }
+    no_arguments = {"type": "object", "properties": {}, "additionalProperties": False}
+    for empty in (None, {}, []):
+        assert ToolSpec("f", parameters=empty).arguments_schema == no_arguments
+    # A name_for_model alone names the tool for the model and for humans.
+    only_model_name = ToolSpec.from_function({"name_for_model": "f"})
+    assert (only_model_name.name, only_model_name.human_name) == ("f", "f")
 
 
 def test_instruction_goes_before_the_last_user_question_only() -> None:

@@ -238,6 +238,85 @@ def test_fewer_workers_leave_gpus_unused(capsys, no_nvidia_smi, model_dir, ports
     assert "GPUs 6,7 stay unused" in plan["notes"]
 
 
+# ------------------------------------------------------------ GPTQ groups
+
+
+def gptq_checkpoint(tmp_path: Path, name: str, **sizes) -> Path:
+    """config.json of a Qwen v1 -Int4 release, as far as the launcher looks."""
+    path = tmp_path / name
+    path.mkdir()
+    quantization = {"quant_method": "gptq", "bits": 4, "desc_act": False}
+    quantization["group_size"] = sizes.pop("group_size", 128)
+    config = {"model_type": "qwen", **sizes, "quantization_config": quantization}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+QWEN_14B = {"hidden_size": 5120, "num_attention_heads": 40, "intermediate_size": 27392}
+QWEN_7B = {"hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 22016}
+
+
+def test_gptq_groups_straddling_ranks_are_refused(
+    capsys, no_nvidia_smi, tmp_path, ports
+):
+    # The upstream report: Qwen-14B-Chat-Int4 at TP 2 failed deep in vLLM's
+    # GPTQ loader. The plan names the layer, the sizes and what works.
+    model = gptq_checkpoint(tmp_path, "Qwen-14B-Chat-Int4", **QWEN_14B)
+    argv = ["serve-node", "--gpus", "2", "--model", str(model), *ports]
+    err = failure(capsys, *argv, "--tensor-parallel-size", "2")
+    assert err == (
+        "qwen-vllm launch serve-node: error: --tensor-parallel-size 2 for "
+        "Qwen-14B-Chat-Int4: tensor_parallel_size 2 splits the 13696 inputs of "
+        "the MLP's output projection (mlp.c_proj) into 6848 per rank, not a "
+        "multiple of the GPTQ group size 128; sizes that work for this "
+        "checkpoint: 1\n"
+    )
+    plan = dry_run(capsys, *argv, "--tensor-parallel-size", "1")
+    assert [w["cuda_devices"] for w in plan["workers"]] == [["0"], ["1"]]
+    assert plan["model"]["gptq"]["group_size"] == 128
+
+
+def test_gptq_sizes_that_work_are_the_advice(capsys, no_nvidia_smi, tmp_path, ports):
+    model = gptq_checkpoint(tmp_path, "Qwen-7B-Chat-Int4", **QWEN_7B)
+    argv = ["serve-node", "--gpus", "8", "--model", str(model), *ports]
+    err = failure(capsys, *argv, "--tensor-parallel-size", "4")
+    assert "splits the 11008 inputs of the MLP's output projection" in err
+    assert "into 2752 per rank" in err
+    assert err.endswith("sizes that work for this checkpoint: 1, 2\n")
+    # The other refusals offer only sizes this one accepts too.
+    err = failure(capsys, *argv, "--tensor-parallel-size", "3")
+    assert "is not a power of two; use one of 1, 2 for Qwen-7B-Chat-Int4" in err
+    plan = dry_run(capsys, *argv, "--tensor-parallel-size", "2")
+    assert len(plan["workers"]) == 4
+
+
+def test_gptq_with_one_group_per_channel_splits_anywhere(
+    capsys, no_nvidia_smi, tmp_path, ports
+):
+    model = gptq_checkpoint(tmp_path, "per-channel", group_size=-1, **QWEN_14B)
+    argv = ["serve-node", "--gpus", "8", "--model", str(model), *ports]
+    assert dry_run(capsys, *argv, "--tensor-parallel-size", "8")["workers"]
+
+
+def test_gptq_refusal_in_a_ray_plan(tmp_path, ports):
+    model = gptq_checkpoint(tmp_path, "Qwen-14B-Chat-Int4", **QWEN_14B)
+    settings = serve_settings("--model", str(model), "--tensor-parallel-size", "2")
+    with pytest.raises(LaunchError, match="6848 per rank"):
+        plans.plan_ray_serve(settings, 8)
+
+
+def test_cpu_plan_keeps_a_gptq_checkpoint_that_does_not_split_at_tp1(tmp_path):
+    # The CPU demo's TP 2 is chosen only where the weights split in two.
+    model = gptq_checkpoint(tmp_path, "Qwen-14B-Chat-Int4", **QWEN_14B)
+    settings = serve_settings("--model", str(model), *cpu_ports())
+    plan = plans.plan_serve_node(settings, cpu_machine(2))
+    assert plan.tensor_parallel_size == 1
+    assert "GPTQ 4-bit, group size 128" in plan.describe()
+    seven = gptq_checkpoint(tmp_path, "Qwen-7B-Chat-Int4", **QWEN_7B)
+    settings = serve_settings("--model", str(seven), *cpu_ports())
+    assert plans.plan_serve_node(settings, cpu_machine(2)).tensor_parallel_size == 2
+
+
 # ------------------------------------------------------------ GPU detection
 
 
@@ -769,3 +848,15 @@ def test_launcher_imports_neither_vllm_nor_torch(ports):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_serve_shows_every_name_the_model_answers_to():
+    from qwen_vllm.deploy.cluster import endpoints
+
+    named = ServeSettings.model_validate({"model_name": "Qwen-7B-Chat,Qwen"})
+    assert endpoints(named)[0] == (
+        "OpenAI API   http://127.0.0.1:8000/v1  (model 'Qwen-7B-Chat', also 'Qwen')"
+    )
+    assert endpoints(ServeSettings.model_validate({}))[0].endswith(
+        "/v1  (model 'qwen-v1-demo')"
+    )

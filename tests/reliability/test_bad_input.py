@@ -429,7 +429,6 @@ def _tool(parameters: Any = None, name: str = "get_weather") -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("tool", "param"),
     [
-        (_tool([]), "tools[0].function.parameters"),
         (_tool("a string"), "tools[0].function.parameters"),
         (_tool({"type": "array", "items": {}}), "tools[0].function.parameters"),
         (_tool({"type": ["object", "null"]}), "tools[0].function.parameters"),
@@ -458,6 +457,20 @@ async def test_tool_schemas_that_are_not_json_schema(
     legacy_error = check(legacy, 400)
     assert legacy_error["param"] == param.replace("tools[0].function", "functions[0]")
     assert not backend.calls
+
+
+async def test_parameter_lists_are_qwens_legacy_form_only(
+    app: Any, backend: FakeBackend
+) -> None:
+    """OpenAI's tools take a JSON Schema; Qwen's server's functions also take
+    a list of parameters, and so do ours."""
+    listed = _tool([{"name": "city", "required": True, "schema": {"type": "string"}}])
+    async with http_client(app) as client:
+        response = await client.post(CHAT, json=chat(tools=[listed]))
+        legacy = await client.post(CHAT, json=chat(functions=[listed["function"]]))
+    assert check(response, 400)["param"] == "tools[0].function.parameters"
+    assert legacy.status_code == 200, legacy.text
+    assert len(backend.calls) == 1
 
 
 async def test_odd_but_valid_tool_schemas_are_accepted(

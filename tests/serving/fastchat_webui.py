@@ -2,8 +2,7 @@
 
 FastChat 0.2.36's gradio_web_server does not start on Gradio 6 (the project's
 Gradio) and Gradio 5's Starlette pin conflicts with vLLM's, so it runs from a
-separate virtualenv, built once and cached under
-~/.cache/qwen_vllm/fastchat-webui-venv/<FASTCHAT_WEBUI_KEY>. It imports
+cached side virtualenv (tests/side_venv.py). It imports
 fastchat.model.model_adapter, hence torch, transformers and accelerate: torch
 is the CPU build (pinned by its local version, so pip never picks a CUDA one).
 
@@ -15,14 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from tests.conftest import free_port
 from tests.servers import running
 from tests.serving.webui_fakes import ThreadedServer
+from tests.side_venv import side_venv_python
 
 # Everything the FastChat web server imports, at versions that work together
 # (checked by hand and by tests/serving/test_webui_fastchat.py).
@@ -46,46 +40,16 @@ FASTCHAT_WEBUI_REQUIREMENTS = (
 )
 # Change when the requirements change: a new key builds a new virtualenv.
 FASTCHAT_WEBUI_KEY = "fschat-0.2.36_gradio-5.50.0_torch-2.13.0cpu_tf-4.57.6_v1"
-VENV_ROOT = Path.home() / ".cache" / "qwen_vllm" / "fastchat-webui-venv"
-_READY = "qwen-vllm-ready"
 
 
-def fastchat_webui_python(timeout: float = 1500.0) -> Path:
+def fastchat_webui_python() -> Path:
     """The cached virtualenv's python, built on first use (several minutes)."""
-    venv = VENV_ROOT / FASTCHAT_WEBUI_KEY
-    python = venv / "bin" / "python"
-    if (venv / _READY).exists():
-        return python
-    VENV_ROOT.mkdir(parents=True, exist_ok=True)
-    with open(VENV_ROOT / f"{FASTCHAT_WEBUI_KEY}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
-        if (venv / _READY).exists():
-            return python
-        shutil.rmtree(venv, ignore_errors=True)
-        deadline = time.monotonic() + timeout
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
-        log = VENV_ROOT / f"{FASTCHAT_WEBUI_KEY}.pip.log"
-        with open(log, "wb") as out:
-            result = subprocess.run(
-                [str(python), "-m", "pip", "install", *FASTCHAT_WEBUI_REQUIREMENTS],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=max(60.0, deadline - time.monotonic()),
-            )
-        if result.returncode != 0:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"pip failed for the FastChat web UI venv:\n{tail}")
-        with tempfile.TemporaryDirectory() as scratch:  # FastChat writes logs
-            subprocess.run(
-                [str(python), "-c", "import fastchat.serve.gradio_web_server"],
-                check=True,
-                timeout=300,
-                cwd=scratch,
-                capture_output=True,
-            )
-        (venv / _READY).write_text(FASTCHAT_WEBUI_KEY + "\n")
-    return python
+    return side_venv_python(
+        "fastchat-webui-venv",
+        FASTCHAT_WEBUI_KEY,
+        FASTCHAT_WEBUI_REQUIREMENTS,
+        check_import="fastchat.serve.gradio_web_server",
+    )
 
 
 @contextlib.contextmanager

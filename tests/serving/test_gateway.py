@@ -314,6 +314,22 @@ async def test_chat_without_sampling_fields_leaves_them_to_the_model(
     assert [getattr(params, name) for name in sampling] == [None] * 4
 
 
+async def test_max_length_counts_prompt_and_answer_as_qwens_server(
+    client: openai.AsyncOpenAI, backend: FakeBackend
+) -> None:
+    total = {"extra_body": {"max_length": 300}}
+    await client.chat.completions.create(model=MODEL, messages=user("Hi"), **total)
+    await client.completions.create(model=MODEL, prompt="Hi", **total)
+    # max_tokens wins, as HF's max_new_tokens does over max_length
+    await client.chat.completions.create(
+        model=MODEL, messages=user("Hi"), max_tokens=5, **total
+    )
+    chat, completion, both = backend.calls
+    assert (chat.max_length, chat.max_new_tokens) == (300, None)
+    assert (completion.max_length, completion.max_new_tokens) == (300, None)
+    assert (both.max_length, both.max_new_tokens) == (None, 5)
+
+
 async def test_chat_stream_deltas_add_up_and_report_usage(
     client: openai.AsyncOpenAI,
 ) -> None:
@@ -590,7 +606,7 @@ async def test_tool_call_round_trip(
     sent = backend.calls[0]
     assert OBSERVATION_STOP in (sent.stop or [])
     question = (sent.messages or [])[-1].content
-    assert "You have access to the following tools" in question
+    assert "You have access to the following APIs" in question
     assert "get_weather: Call this tool" in question
     assert question.endswith("Question: What is the weather in Paris?")
 
@@ -722,6 +738,121 @@ async def test_legacy_functions(
         functions=[function],
     )
     assert followup.choices[0].message.content == "It is sunny in Paris."
+
+
+# A function in Qwen's own form, as the Qwen repository's examples send it.
+QWEN_SEARCH = {
+    "name_for_human": "谷歌搜索",
+    "name_for_model": "google_search",
+    "description_for_model": "谷歌搜索是一个通用搜索引擎。",
+    "parameters": [
+        {
+            "name": "search_query",
+            "description": "搜索关键词或短语",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    ],
+}
+SEARCH_REPLY = (
+    "Thought: 我应该搜索。\nAction: google_search\n"
+    'Action Input: {"search_query": "周杰伦"}'
+)
+
+
+async def test_functions_in_qwens_own_form(
+    client: openai.AsyncOpenAI, backend: FakeBackend
+) -> None:
+    backend.replies = [Reply(SEARCH_REPLY), Reply(SEARCH_REPLY)]
+    response = await client.chat.completions.create(
+        model=MODEL, messages=user("谁是周杰伦"), functions=[QWEN_SEARCH]
+    )
+    call = response.choices[0].message.function_call
+    assert call is not None and call.name == "google_search"
+    assert json.loads(call.arguments) == {"search_query": "周杰伦"}
+    question = (backend.calls[0].messages or [])[-1].content
+    assert question.startswith(
+        "Answer the following questions as best you can. You have access to the "
+        "following APIs:\n\ngoogle_search: Call this tool to interact with the "
+        "谷歌搜索 API. What is the 谷歌搜索 API useful for? 谷歌搜索是一个通用搜索"
+        '引擎。 Parameters: [{"name": "search_query", "description": "搜索关键词'
+        '或短语", "required": true, "schema": {"type": "string"}}]\n\n'
+    )
+    # Named, the call is constrained to the list's schema.
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=user("谁是周杰伦"),
+        functions=[QWEN_SEARCH],
+        function_call={"name": "google_search"},
+    )
+    constraint = backend.calls[1].structured_outputs
+    assert accepts(constraint, SEARCH_REPLY)
+    assert not accepts(
+        constraint, 'Thought: x\nAction: google_search\nAction Input: {"page": 1}'
+    )
+
+
+async def test_a_call_cut_by_the_token_limit_finishes_with_length(
+    client: openai.AsyncOpenAI, backend: FakeBackend
+) -> None:
+    cut = 'Thought: 搜索。\nAction: google_search\nAction Input: {"search_query": "周'
+    backend.replies = [Reply(cut, finish_reason="length")] * 2
+    whole = await client.chat.completions.create(
+        model=MODEL, messages=user("谁是周杰伦"), functions=[QWEN_SEARCH]
+    )
+    assert whole.choices[0].finish_reason == "length"
+    call = whole.choices[0].message.function_call
+    assert call is not None and call.arguments == '{"search_query": "周'
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=user("Weather?"), tools=[WEATHER_TOOL], stream=True
+    )
+    finishes = [c.finish_reason async for chunk in stream for c in chunk.choices]
+    assert [f for f in finishes if f] == ["length"]
+
+
+@pytest.mark.parametrize(
+    ("function", "param", "says"),
+    [
+        ({"parameters": []}, "functions[0]", "needs a 'name'"),
+        (
+            {"name_for_model": "f", "parameters": [{"description": "x"}]},
+            "functions[0].parameters",
+            "parameters[0] needs a 'name'",
+        ),
+        (
+            {"name_for_model": "f", "parameters": [{"name": "q", "required": "y"}]},
+            "functions[0].parameters",
+            "required must be true or false",
+        ),
+        (
+            {"name_for_model": "f", "parameters": [{"name": "q", "schema": 7}]},
+            "functions[0].parameters",
+            "schema must be a JSON Schema",
+        ),
+        (
+            {
+                "name_for_model": "f",
+                "parameters": [{"name": "q", "schema": {"type": "strin"}}],
+            },
+            "functions[0].parameters",
+            "not a valid JSON Schema",
+        ),
+        (
+            {"name_for_model": "f", "parameters": [{"name": "q"}, {"name": "q"}]},
+            "functions[0].parameters",
+            "parameter names must be unique",
+        ),
+    ],
+)
+async def test_bad_qwen_form_functions_are_named(
+    client: openai.AsyncOpenAI, function: dict[str, Any], param: str, says: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(
+            model=MODEL, messages=user("Hi"), functions=[function]
+        )
+    error = refused.value.body
+    assert error["param"] == param and says in error["message"], error
 
 
 async def test_tool_choice_none_and_named(

@@ -18,7 +18,8 @@ from qwen_vllm.serving.client import (
     WorkerTimeoutError,
 )
 from qwen_vllm.serving.gateway import create_app
-from qwen_vllm.serving.protocol import ErrorCode
+from qwen_vllm.serving.gateway.errors import from_chunk
+from qwen_vllm.serving.protocol import ErrorCode, GenerateChunk
 from tests.serving.test_gateway import (
     KEY,
     MODEL,
@@ -174,9 +175,53 @@ async def test_malformed_bodies_are_400_not_422(app: Any) -> None:
 async def test_unknown_fields_are_ignored(app: Any) -> None:
     async with http_client(app) as client:
         response = await client.post(
-            CHAT, json=chat_body(frobnicate=True, logit_bias={"1": 2}, user="u1")
+            CHAT,
+            json=chat_body(
+                frobnicate=True,
+                user="u1",
+                metadata={"k": "v"},
+                service_tier="auto",
+                # OpenAI fields at values that ask for nothing
+                logit_bias={},
+                store=False,
+                modalities=["text"],
+            ),
         )
-    assert response.status_code == 200
+        completion = await client.post(
+            COMPLETIONS, json={"model": MODEL, "prompt": "x", "n": 2, "best_of": 2}
+        )
+    assert response.status_code == 200, response.text
+    assert completion.status_code == 200, completion.text
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        (CHAT, "logit_bias", {"1": 2}),
+        (CHAT, "store", True),
+        (CHAT, "modalities", ["text", "audio"]),
+        (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
+        (CHAT, "prediction", {"type": "content", "content": "x"}),
+        (CHAT, "reasoning_effort", "high"),
+        (CHAT, "verbosity", "low"),
+        (CHAT, "web_search_options", {"search_context_size": "low"}),
+        (COMPLETIONS, "logit_bias", {"1": 2}),
+        (COMPLETIONS, "suffix", "} return x"),
+        (COMPLETIONS, "best_of", 3),
+    ],
+)
+async def test_openai_fields_that_cannot_be_honoured_are_refused_by_name(
+    app: Any, backend: FakeBackend, path: str, field: str, value: Any
+) -> None:
+    if path == CHAT:
+        body = chat_body(**{field: value})
+    else:
+        body = {"model": MODEL, "prompt": "x", field: value}
+    async with http_client(app) as client:
+        response = await client.post(path, json=body)
+    error = assert_error(response, 400, "invalid_request_error", field)
+    assert "not supported" in error["message"] or field == "best_of", error
+    assert not backend.calls
 
 
 async def test_limits_on_n_and_max_tokens(app: Any, backend: FakeBackend) -> None:
@@ -233,6 +278,44 @@ async def test_api_keys(app: Any, caplog: pytest.LogCaptureFixture) -> None:
 async def test_open_api_without_keys(backend: FakeBackend) -> None:
     async with http_client(create_app(make_settings(), backend), key=None) as client:
         assert (await client.get("/v1/models")).status_code == 200
+
+
+PAGE = "https://chat.example.com"
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
+
+
+async def test_no_cross_origin_access_unless_asked(app: Any) -> None:
+    async with http_client(app) as client:
+        preflight = await client.options(CHAT, headers={"Origin": PAGE, **PREFLIGHT})
+        chat = await client.post(CHAT, json=chat_body(), headers={"Origin": PAGE})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert chat.status_code == 200
+    assert "access-control-allow-origin" not in chat.headers  # the page cannot read
+
+
+async def test_allowed_origins_may_call_with_a_key(backend: FakeBackend) -> None:
+    settings = make_settings(api_keys=[KEY], allowed_origins=f"{PAGE},http://x.test")
+    assert settings.allowed_origins == [PAGE, "http://x.test"]
+    app = create_app(settings, backend)
+    async with http_client(app) as client:
+        preflight = await client.options(CHAT, headers={"Origin": PAGE, **PREFLIGHT})
+        chat = await client.post(CHAT, json=chat_body(), headers={"Origin": PAGE})
+        other = await client.options(
+            CHAT, headers={"Origin": "https://evil.example", **PREFLIGHT}
+        )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == PAGE
+    assert chat.status_code == 200
+    assert chat.headers["access-control-allow-origin"] == PAGE
+    assert other.status_code == 400
+    assert "access-control-allow-origin" not in other.headers
+    # The key is still required: CORS lets a page ask, not skip the check.
+    async with http_client(app, key=None) as client:
+        keyless = await client.post(CHAT, json=chat_body(), headers={"Origin": PAGE})
+    assert keyless.status_code == 401
 
 
 async def test_unknown_model_is_404(app: Any) -> None:
@@ -315,6 +398,14 @@ async def test_worker_error_chunks_map_to_statuses(
     error = assert_error(response, status, response.json()["error"]["type"])
     assert error["message"] == "worker says no"
     assert error["param"] == param
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_length"])
+def test_a_worker_refusing_a_length_names_it(param: str) -> None:
+    text = f"{param} (9000) does not fit"
+    chunk = GenerateChunk(text=text, error_code=ErrorCode.PARAM_OUT_OF_RANGE)
+    error = from_chunk(chunk, "messages")
+    assert (error.status, error.param, str(error)) == (400, param, text)
 
 
 async def test_context_overflow_on_completions_names_the_prompt(

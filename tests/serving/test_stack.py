@@ -42,6 +42,28 @@ def test_models_chat_and_completions(stack, client):
     assert completion.choices[0].text and completion.usage.completion_tokens == 6
 
 
+def test_max_length_bounds_prompt_and_answer_together(stack, client):
+    """Qwen's server's max_length, as HF generate counts it."""
+    messages = [{"role": "user", "content": "你好"}]
+    first = client.chat.completions.create(
+        model=stack.model, messages=messages, max_tokens=1, temperature=0
+    )
+    prompt = first.usage.prompt_tokens
+    chat = client.chat.completions.create(
+        model=stack.model,
+        messages=messages,
+        temperature=0,
+        extra_body={"max_length": prompt + 3},
+    )
+    assert chat.usage.total_tokens == prompt + 3
+    assert chat.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=stack.model, messages=messages, extra_body={"max_length": prompt}
+        )
+    assert refused.value.body["param"] == "max_length"
+
+
 def test_streaming_chat_matches_the_non_streaming_answer(stack, client):
     messages = [{"role": "user", "content": "Tell me a story."}]
     whole = client.chat.completions.create(

@@ -6,11 +6,13 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import uvicorn
+from pydantic import ValidationError
 
 from qwen_vllm.serving import controller as controller_module
 from qwen_vllm.serving.protocol import (
@@ -23,7 +25,7 @@ from qwen_vllm.serving.protocol import (
 from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import ControllerSettings, WorkerSettings
 from qwen_vllm.serving.worker.app import create_app
-from qwen_vllm.serving.worker.engine import VllmEngine
+from qwen_vllm.serving.worker.engine import VllmEngine, engine_args
 from tests.conftest import free_port
 
 
@@ -199,14 +201,30 @@ def _serve(app, port):
     return server, thread
 
 
+def test_model_names_are_the_first_and_its_aliases():
+    named = settings(model_name="Qwen-7B-Chat,Qwen,gpt-3.5-turbo")
+    assert named.served_model_names() == ["Qwen-7B-Chat", "Qwen", "gpt-3.5-turbo"]
+    assert named.served_model_name() == "Qwen-7B-Chat"
+    args = engine_args(named, Path("/models/Qwen-7B-Chat"))
+    assert args["served_model_name"] == ["Qwen-7B-Chat", "Qwen", "gpt-3.5-turbo"]
+    unnamed = WorkerSettings.model_validate({"model": "/m/Qwen-1_8B"})
+    assert unnamed.served_model_names() == ["Qwen-1_8B"]
+    with pytest.raises(ValidationError, match="names must differ"):
+        settings(model_name="Qwen,Qwen")
+
+
 def test_registers_heartbeats_and_unregisters_with_the_real_controller():
     controller_port, worker_port = free_port(), free_port()
     controller = controller_module.create_app(
         ControllerSettings(controller_port=controller_port)
     )
     c_server, c_thread = _serve(controller, controller_port)
+    # Aliases as Qwen's own clients need them: they ask for "Qwen".
     worker_settings = settings(
-        controller_port=controller_port, worker_port=worker_port, heartbeat_interval=0.2
+        model_name="qwen-test, Qwen,gpt-3.5-turbo",
+        controller_port=controller_port,
+        worker_port=worker_port,
+        heartbeat_interval=0.2,
     )
     w_server, w_thread = _serve(create_app(worker_settings, FakeEngine()), worker_port)
     base = f"http://127.0.0.1:{controller_port}"
@@ -215,8 +233,11 @@ def test_registers_heartbeats_and_unregisters_with_the_real_controller():
         while "qwen-test" not in httpx.post(f"{base}/list_models").json()["models"]:
             assert time.monotonic() < deadline, "worker never registered"
             time.sleep(0.1)
-        address = httpx.post(f"{base}/get_worker_address", json={"model": "qwen-test"})
-        assert address.json()["address"] == f"http://127.0.0.1:{worker_port}"
+        models = httpx.post(f"{base}/list_models").json()["models"]
+        assert sorted(models) == ["Qwen", "gpt-3.5-turbo", "qwen-test"]
+        for name in models:
+            address = httpx.post(f"{base}/get_worker_address", json={"model": name})
+            assert address.json()["address"] == f"http://127.0.0.1:{worker_port}"
         # A stream through the controller reaches this worker.
         with httpx.stream(
             "POST", f"{base}/worker_generate_stream", json={"model": "qwen-test"}
@@ -342,6 +363,21 @@ async def test_unset_fields_take_the_models_generation_defaults():
     # The model's max_window_size (9 tokens) drops the earlier turn.
     ids, all_ids = prompt["prompt_token_ids"], whole_prompt["prompt_token_ids"]
     assert len(ids) < len(all_ids) and ids[-10:] == all_ids[-10:]
+
+
+async def test_max_length_counts_the_prompt():
+    llm = FakeLLM(context=200)
+    engine = VllmEngine(llm)
+    prompt = "y" * 25  # 25 tokens for the fake tokenizer
+    [c async for c in engine.generate(GenerateParams(prompt=prompt, max_length=40))]
+    (_, sampling) = llm.requests[0]
+    assert sampling.max_tokens == 40 - 25
+    for too_short_or_long in (25, 201):
+        params = GenerateParams(prompt=prompt, max_length=too_short_or_long)
+        (chunk,) = [c async for c in engine.generate(params)]
+        assert chunk.error_code == 40302
+        assert f"max_length ({too_short_or_long}) counts the prompt" in chunk.text
+        assert "more than 25 and at most the context length of 200" in chunk.text
 
 
 async def test_adapter_reports_context_errors_as_fastchat_error_codes():

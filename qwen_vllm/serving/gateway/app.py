@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -127,6 +128,15 @@ def create_app(
         ),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.allowed_origins:
+        # Outermost: a browser's preflight is answered before the key check
+        # (it carries no Authorization header); the requests themselves are not.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 

@@ -97,12 +97,12 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
         definitions = [tool.function for tool in request.tools or []]
         choice = request.tool_choice
         param = "tool_choice"
-    names = [d.name for d in definitions]
+    specs = [ToolSpec.from_function(d) for d in definitions]
+    names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise bad_request(
             "Tool names must be unique.", "functions" if legacy else "tools"
         )
-    specs = [ToolSpec.from_function(d) for d in definitions]
     if choice is None:
         choice = "auto" if specs else "none"
     if choice == "none":
@@ -203,7 +203,7 @@ def _choice(plan: ChatPlan, index: int, chunk: GenerateChunk) -> ChatChoice:
             content=output.content or None,
             function_call=FunctionCallOut(name=call.name, arguments=call.arguments),
         )
-        reason = "function_call"
+        reason = finish_reason(chunk, "function_call")
     else:
         message = ChatMessageOut(
             content=output.content or None,
@@ -214,7 +214,7 @@ def _choice(plan: ChatPlan, index: int, chunk: GenerateChunk) -> ChatChoice:
                 )
             ],
         )
-        reason = "tool_calls"
+        reason = finish_reason(chunk, "tool_calls")
     return ChatChoice(
         index=index, message=message, logprobs=logprobs, finish_reason=reason
     )
@@ -280,7 +280,9 @@ class _ChatStream(StreamState[ChatCompletionRequest, ChatPlan]):
         elif self.plan.tools.legacy:
             function = {"name": call.name, "arguments": call.arguments}
             events.append(self.delta(index, {"function_call": function}))
-            events.append(self.delta(index, finish="function_call"))
+            events.append(
+                self.delta(index, finish=finish_reason(chunk, "function_call"))
+            )
         else:
             tool_call = {
                 "index": 0,
@@ -289,7 +291,7 @@ class _ChatStream(StreamState[ChatCompletionRequest, ChatPlan]):
                 "function": {"name": call.name, "arguments": call.arguments},
             }
             events.append(self.delta(index, {"tool_calls": [tool_call]}))
-            events.append(self.delta(index, finish="tool_calls"))
+            events.append(self.delta(index, finish=finish_reason(chunk, "tool_calls")))
         return events
 
 

@@ -112,8 +112,8 @@ def from_chunk(chunk: GenerateChunk, prompt_param: str) -> APIError:
     if code == ErrorCode.CONTEXT_OVERFLOW:
         return bad_request(message, prompt_param, "context_length_exceeded")
     if code == ErrorCode.PARAM_OUT_OF_RANGE:
-        param = "max_tokens" if "max_tokens" in message else None
-        return bad_request(message, param)
+        named = [name for name in ("max_tokens", "max_length") if name in message]
+        return bad_request(message, named[0] if named else None)
     if code == ErrorCode.VALIDATION_TYPE_ERROR:
         return bad_request(message, None)
     if code == ErrorCode.INVALID_MODEL:

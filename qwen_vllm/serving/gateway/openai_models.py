@@ -11,9 +11,17 @@ import time
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from qwen_vllm.chat.react import parameter_list_schema
 from qwen_vllm.serving.protocol import Usage
 
 _FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -119,6 +127,18 @@ class ResponseFormat(_Body):
         return self
 
 
+_NOT_SUPPORTED = {
+    "logit_bias": "token biases are not applied; leave it out",
+    "store": "completions are not stored; leave it out or set false",
+    "modalities": 'Qwen v1 answers in text only: ["text"]',
+    "audio": "Qwen v1 answers in text only",
+    "prediction": "predicted outputs are not used; leave it out",
+    "reasoning_effort": "Qwen v1 is not a reasoning model; leave it out",
+    "verbosity": "use max_tokens to bound an answer",
+    "web_search_options": "the model has no web search; give it a tool",
+}
+
+
 class SamplingRequest(_Body):
     """Fields chat and completions share."""
 
@@ -137,6 +157,9 @@ class SamplingRequest(_Body):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
+    # Qwen's server: prompt and answer together, in tokens (HF generate's
+    # max_length); max_tokens wins when both are set, as max_new_tokens does.
+    max_length: int | None = Field(None, ge=2)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0: no top-k cut.")
@@ -152,6 +175,34 @@ class SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # OpenAI fields that ask for what Qwen v1 on this server cannot do: a 400
+    # naming the field unless left at a value that asks for nothing. Tags
+    # that change no output (metadata, service_tier, prompt_cache_key,
+    # safety_identifier) are accepted and ignored, as unknown fields are.
+    logit_bias: dict[str, float] | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    @field_validator(
+        "logit_bias",
+        "store",
+        "modalities",
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+    )
+    @classmethod
+    def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, {}, False) or value == ["text"]:
+            return value
+        raise ValueError(f"not supported: {_NOT_SUPPORTED[info.field_name]}")
 
     @field_validator("stop")
     @classmethod
@@ -196,7 +247,23 @@ class ChatMessageIn(_Body):
     function_call: FunctionCall | None = None
 
 
+def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if schema.get("type", "object") != "object":
+        raise ValueError("parameters must be a JSON Schema of type 'object'")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict) or not all(
+        isinstance(p, dict) for p in properties.values()
+    ):
+        raise ValueError("'properties' must map names to JSON Schemas")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise ValueError("'required' must be a list of property names")
+    return checked_json_schema(schema)
+
+
 class FunctionDefinition(_Body):
+    """A function in OpenAI's form (`tools[].function`)."""
+
     name: str = Field(pattern=_FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -206,21 +273,56 @@ class FunctionDefinition(_Body):
     def _json_schema_object(
         cls, schema: dict[str, Any] | None
     ) -> dict[str, Any] | None:
-        if schema is None:
-            return None
-        if schema.get("type", "object") != "object":
-            raise ValueError("parameters must be a JSON Schema of type 'object'")
-        properties = schema.get("properties", {})
-        if not isinstance(properties, dict) or not all(
-            isinstance(p, dict) for p in properties.values()
-        ):
-            raise ValueError("'properties' must map names to JSON Schemas")
-        required = schema.get("required", [])
-        if not isinstance(required, list) or not all(
-            isinstance(r, str) for r in required
-        ):
-            raise ValueError("'required' must be a list of property names")
-        return checked_json_schema(schema)
+        return None if schema is None else _object_schema(schema)
+
+
+class LegacyFunctionDefinition(_Body):
+    """A legacy `functions[]` entry, in OpenAI's form or in the one Qwen's own
+    server also takes (name_for_model, name_for_human, description_for_model,
+    parameters as a list of {name, description, required, schema})."""
+
+    name: str | None = Field(None, pattern=_FUNCTION_NAME)
+    description: str | None = None
+    name_for_model: str | None = Field(None, pattern=_FUNCTION_NAME)
+    name_for_human: str | None = None
+    description_for_model: str | None = None
+    parameters: dict[str, Any] | list[dict[str, Any]] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_or_list(
+        cls, schema: dict[str, Any] | list[dict[str, Any]] | None
+    ) -> dict[str, Any] | list[dict[str, Any]] | None:
+        if isinstance(schema, list):
+            _check_parameter_list(schema)
+            checked_json_schema(parameter_list_schema(schema))
+            return schema  # the prompt shows it as sent
+        return None if schema is None else _object_schema(schema)
+
+    @model_validator(mode="after")
+    def _named(self) -> LegacyFunctionDefinition:
+        if not (self.name_for_model or self.name):
+            raise ValueError(
+                "a function needs a 'name' (or, in Qwen's form, 'name_for_model')"
+            )
+        return self
+
+
+def _check_parameter_list(parameters: list[dict[str, Any]]) -> None:
+    names = []
+    for index, item in enumerate(parameters):
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"parameters[{index}] needs a 'name' (a string)")
+        if not isinstance(item.get("required", False), bool):
+            raise ValueError(f"parameters[{index}].required must be true or false")
+        if not isinstance(item.get("schema", {}), dict):
+            raise ValueError(f"parameters[{index}].schema must be a JSON Schema")
+        if not isinstance(item.get("type", ""), str):
+            raise ValueError(f"parameters[{index}].type must be a type name")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
 
 
 class ToolDefinition(_Body):
@@ -241,7 +343,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    functions: list[FunctionDefinition] | None = None
+    functions: list[LegacyFunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     # ReAct calls one tool per turn: a response has at most one tool call,
     # which is what both values allow.
@@ -255,6 +357,26 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("not supported: Qwen v1 does not fill in the middle")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(
+                f"best_of must equal n (every candidate is returned): ask for "
+                f"n={value} and pick"
+            )
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -50,6 +50,8 @@ def sampling_fields(
         "max_new_tokens": max_tokens,  # None: the model's default
         "stop_token_ids": with_chatml_stops(),
     }
+    if max_tokens is None and request.max_length is not None:
+        fields["max_length"] = request.max_length
     for name in (
         "temperature",
         "top_p",

@@ -11,8 +11,13 @@ from qwen_vllm.serving.gateway.errors import APIError, from_chunk
 from qwen_vllm.serving.protocol import GenerateChunk, Usage
 
 
-def finish_reason(chunk: GenerateChunk) -> str:
-    return "length" if chunk.finish_reason == "length" else "stop"
+def finish_reason(chunk: GenerateChunk, call: str | None = None) -> str:
+    """`call`: the reason when the output is a tool call ("tool_calls", or
+    "function_call" for the legacy form). The token limit comes first, as
+    OpenAI reports it: a call cut short may have arguments that do not parse."""
+    if chunk.finish_reason == "length":
+        return "length"
+    return call or "stop"
 
 
 def worker_failed(chunk: GenerateChunk) -> bool:

@@ -71,7 +71,7 @@ class ControllerLink:
         self.engine = engine
         self.client = client
         self.url = worker_url(settings)
-        self.model_names = [settings.served_model_name()]
+        self.model_names = settings.served_model_names()
         self.headers = token_headers(settings.internal_token)
 
     def status(self) -> dict:

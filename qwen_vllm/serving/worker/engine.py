@@ -55,7 +55,7 @@ def resolve_model_dir(settings: WorkerSettings) -> Path:
 def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
     args: dict[str, Any] = {
         "model": str(model_dir),
-        "served_model_name": [settings.served_model_name()],
+        "served_model_name": settings.served_model_names(),
         "tensor_parallel_size": settings.tensor_parallel_size,
         "dtype": settings.dtype,
         "kv_cache_dtype": settings.kv_cache_dtype,
@@ -143,16 +143,20 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_dir = resolve_model_dir(settings)
-        from qwen_vllm.model.kv_cache import refusal_in
+        from qwen_vllm.model.kv_cache import InsufficientMemory, refusal_in
+        from qwen_vllm.model.sizes import TensorParallelMismatch
 
         args = AsyncEngineArgs(**engine_args(settings, model_dir))
         logger.info("starting vLLM on %s", model_dir)
         try:
             config = args.create_engine_config()
         except Exception as exc:
-            # A machine that cannot hold the model is refused with the
-            # numbers, as InsufficientMemory (vLLM wraps it).
-            if (refusal := refusal_in(exc)) is not None:
+            # The plugin's config hook refuses, before any engine process
+            # starts, a machine that cannot hold the model (with the numbers)
+            # and GPTQ weights that do not split over the ranks; vLLM wraps
+            # those refusals, the supervisor needs them as they are.
+            kinds = (InsufficientMemory, TensorParallelMismatch)
+            if (refusal := refusal_in(exc, kinds)) is not None:
                 raise refusal from None
             raise
         return cls(AsyncLLM.from_vllm_config(config, disable_log_stats=True))
@@ -208,7 +212,18 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
 
         room = self.context_length - prompt_len
-        max_tokens = self.defaults.max_tokens(params.max_new_tokens, room)
+        asked = params.max_new_tokens
+        if asked is None and params.max_length is not None:
+            if not prompt_len < params.max_length <= self.context_length:
+                raise RequestError(
+                    ErrorCode.PARAM_OUT_OF_RANGE,
+                    f"max_length ({params.max_length}) counts the prompt and the "
+                    f"answer: with a prompt of {prompt_len} tokens it must be more "
+                    f"than {prompt_len} and at most the context length of "
+                    f"{self.context_length} tokens.",
+                )
+            asked = params.max_length - prompt_len
+        max_tokens = self.defaults.max_tokens(asked, room)
         if max_tokens > room:
             raise RequestError(
                 ErrorCode.PARAM_OUT_OF_RANGE,
