@@ -26,6 +26,12 @@ _UNSERVABLE_FIELDS: dict[str, Any] = {
 }
 
 
+# Dynamic NTK reads up to four times the training length (alpha 7), and no
+# Qwen v1 release states a context longer than 32K.
+NTK_REACH = 4
+LONGEST_STATED_CONTEXT = 32768
+
+
 class QWenConfig(PretrainedConfig):
     model_type = "qwen"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -39,6 +45,8 @@ class QWenConfig(PretrainedConfig):
             kwargs["rotary_emb_base"] = kwargs.pop("rope_theta")
         for name, default in DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
+        # A checkpoint may state its own limit; none of Qwen's releases does.
+        self._stated_max_length: int | None = kwargs.pop("model_max_length", None)
         self.head_dim = self.kv_channels
         # Checked when loading: transformers would turn some of these (e.g.
         # rope_scaling) into its own fields before we could see them.
@@ -121,3 +129,21 @@ class QWenConfig(PretrainedConfig):
         if self.use_dynamic_ntk:
             return max(self.seq_length, self.max_position_embeddings)
         return min(self.seq_length, self.max_position_embeddings)
+
+    @property
+    def model_max_length(self) -> int:
+        """The longest max_model_len a user may ask for; the default stays
+        max_context_length. vLLM accepts an explicit max_model_len above the
+        length it derives up to a config's `model_max_length`.
+
+        With dynamic NTK: four times seq_length, at most 32K and never less
+        than max_context_length. That is Qwen's stated context of each release:
+        1.8B 32K (seq_length = max_position_embeddings = 8192), 7B 32K, 14B 8K
+        (seq_length 2048), 72B 32K.
+        """
+        if self._stated_max_length is not None:
+            return self._stated_max_length
+        if not self.use_dynamic_ntk:
+            return self.max_context_length
+        reach = min(NTK_REACH * self.seq_length, LONGEST_STATED_CONTEXT)
+        return max(self.max_context_length, reach)

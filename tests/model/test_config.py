@@ -82,6 +82,29 @@ def test_context_length_reaches_max_positions_only_with_dynamic_ntk():
     assert plain.max_context_length == 2048
 
 
+# (seq_length, max_position_embeddings) of each release, and the context
+# Qwen's README states for it ("Max Length").
+RELEASES = {
+    "Qwen-1.8B": (8192, 8192, 32768),
+    "Qwen-7B (v1.1)": (8192, 32768, 32768),
+    "Qwen-14B": (2048, 8192, 8192),
+    "Qwen-72B": (32768, 32768, 32768),
+}
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_users_may_ask_for_qwens_stated_context_and_no_more(release):
+    seq_length, positions, stated = RELEASES[release]
+    config = QWenConfig(seq_length=seq_length, max_position_embeddings=positions)
+    assert config.model_max_length == stated
+    assert config.max_context_length == positions  # the default is unchanged
+    off = QWenConfig(
+        seq_length=seq_length, max_position_embeddings=positions, use_dynamic_ntk=False
+    )
+    assert off.model_max_length == off.max_context_length == seq_length
+    assert QWenConfig(model_max_length=4096).model_max_length == 4096
+
+
 def test_a_qwen_vl_checkpoint_fails_when_loaded(tmp_path):
     import json
 

@@ -110,3 +110,67 @@ def test_engine_matches_reference_past_the_training_length(ntk_dir):
         if len(prompt) > SEQ:
             # The check has teeth: without the tricks the answer differs.
             assert plain.greedy(prompt, STEPS)[0] != expected, f"{len(prompt)}"
+
+
+# Trained at 64 positions and declaring no more, as Qwen-1.8B declares 8192
+# and is stated for 32K: dynamic NTK reaches four times that.
+SHORT = 64
+REACH = 4 * SHORT
+
+
+@pytest.fixture(scope="module")
+def short_dir(tmp_path_factory):
+    spec = DemoModelSpec(
+        hidden_size=128,
+        num_attention_heads=4,
+        intermediate_size=256,
+        seq_length=SHORT,
+        max_position_embeddings=SHORT,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
+        dtype="float32",
+        seed=12,
+    )
+    return write_demo_model(tmp_path_factory.mktemp("models") / "short", spec)
+
+
+def test_max_model_len_may_reach_past_max_positions_by_dynamic_ntk(short_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def max_model_len(asked: int | None) -> int:
+        args = EngineArgs(model=str(short_dir), max_model_len=asked)
+        return args.create_engine_config().model_config.max_model_len
+
+    assert max_model_len(None) == SHORT  # the default is the checkpoint's
+    assert max_model_len(REACH) == REACH
+    with pytest.raises(Exception, match=f"model_max_length={REACH}"):
+        max_model_len(REACH + 1)
+
+
+@pytest.mark.slow
+def test_engine_matches_reference_up_to_the_reach(short_dir):
+    from vllm import LLM, SamplingParams
+
+    rng = random.Random(1)
+    # Levels 0, 1 and 2 (alpha 1, 3, 7), the longest ending at the reach.
+    lengths = [40, 100, REACH - STEPS]
+    prompts = [[rng.randrange(1000, 100_000) for _ in range(n)] for n in lengths]
+    llm = LLM(
+        model=str(short_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=REACH,
+        max_num_seqs=4,
+        seed=0,
+    )
+    try:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=STEPS, ignore_eos=True, detokenize=False
+        )
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    reference = ReferenceQwenV1.from_dir(short_dir)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected, _ = reference.greedy(prompt, STEPS)
+        assert list(output.outputs[0].token_ids) == expected, f"{len(prompt)}"
