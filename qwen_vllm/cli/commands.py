@@ -82,6 +82,7 @@ def _settings(cls, args: argparse.Namespace):
 
 def _run_service(kind: str, args: argparse.Namespace) -> None:
     from qwen_vllm.deploy.runner import SERVICES, ServiceRunner, configure_logging
+    from qwen_vllm.model.refusal import ConfigRefused
     from qwen_vllm.serving.security import exposure
 
     service = SERVICES[kind]
@@ -93,7 +94,7 @@ def _run_service(kind: str, args: argparse.Namespace) -> None:
     configure_logging(settings.log_level)
     try:
         ServiceRunner(kind, settings).run()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigRefused) as exc:
         raise CliError(str(exc)) from exc
 
 

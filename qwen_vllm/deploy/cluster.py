@@ -26,8 +26,7 @@ from qwen_vllm.checkpoints.directory import NotACheckpoint, read_config
 from qwen_vllm.deploy.lifecycle import StopSignals, read_tail, root_cause
 from qwen_vllm.deploy.machine import bind_error
 from qwen_vllm.deploy.runner import ServiceRunner, configure_logging
-from qwen_vllm.model.kv_cache import InsufficientMemory
-from qwen_vllm.model.sizes import TensorParallelMismatch
+from qwen_vllm.model.refusal import ConfigRefused
 from qwen_vllm.serving.security import (
     exposure,
     new_secret,
@@ -88,9 +87,7 @@ class ServiceActor:
             logger.exception("%s failed", self.kind)
             self.failure = f"{type(exc).__name__}: {exc}"
             # A refusal explained by our own checks will fail the same way again.
-            self.fatal = isinstance(
-                exc, (InsufficientMemory, TensorParallelMismatch, FileNotFoundError)
-            )
+            self.fatal = isinstance(exc, (ConfigRefused, FileNotFoundError))
         finally:
             self.done.set()
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from qwen_vllm.model.refusal import ConfigRefused
+
 GiB = 1 << 30
 # The key of vLLM's `additional_config` under which a worker tells the config
 # hook its share of the machine and the KV cache it asks for (all ranks).
@@ -39,7 +41,7 @@ _SYS_NODE = Path("/sys/devices/system/node")
 _CGROUP = Path("/sys/fs/cgroup")
 
 
-class InsufficientMemory(ValueError):
+class InsufficientMemory(ConfigRefused):
     """The machine cannot hold the model and a minimal KV cache."""
 
 
@@ -289,19 +291,3 @@ def cpu_kv_cache_bytes_per_rank(
 def worker_request(share: int, total_bytes: int | None) -> dict:
     """The `additional_config` entry a worker starts its engine with."""
     return {WORKER_REQUEST_KEY: {"share": share, "total_bytes": total_bytes}}
-
-
-def refusal_in(
-    exc: BaseException, kinds: tuple[type[ValueError], ...] = (InsufficientMemory,)
-) -> ValueError | None:
-    """Our config hook's refusal (one of `kinds`), also when vLLM's config has
-    wrapped it in pydantic's ValidationError (the hook runs while vLLM
-    validates its config)."""
-    if isinstance(exc, kinds):
-        return exc
-    errors = getattr(exc, "errors", None)
-    for error in errors() if callable(errors) else ():
-        cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, kinds):
-            return cause
-    return None

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qwen_vllm.model.refusal import ConfigRefused
+
 # Field names of the first Qwen-7B-Chat release, which followed GPT-2.
 GPT2_STYLE_NAMES = {
     "n_embd": "hidden_size",
@@ -52,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 
 
-class TensorParallelMismatch(ValueError):
+class TensorParallelMismatch(ConfigRefused):
     """The checkpoint's weights do not split over this many ranks."""
 
 

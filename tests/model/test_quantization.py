@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 import torch
@@ -137,6 +138,26 @@ def test_the_worker_reports_the_refusal_as_itself(unsplittable_dir, monkeypatch)
     with pytest.raises(TensorParallelMismatch) as refused:
         VllmEngine.start(settings)
     assert str(refused.value) == STRADDLING
+
+
+def test_the_worker_command_prints_the_refusal_without_a_traceback(unsplittable_dir):
+    from tests.conftest import free_port
+    from tests.servers import venv_bin
+
+    run = subprocess.run(
+        [
+            *(venv_bin("qwen-vllm"), "worker", "--model", str(unsplittable_dir)),
+            *("--tensor-parallel-size", "2", "--max-model-len", "256"),
+            *("--worker-port", str(free_port())),
+            *("--controller-port", str(free_port())),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"qwen-vllm worker: error: {STRADDLING}" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])

@@ -143,8 +143,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_dir = resolve_model_dir(settings)
-        from qwen_vllm.model.kv_cache import InsufficientMemory, refusal_in
-        from qwen_vllm.model.sizes import TensorParallelMismatch
+        from qwen_vllm.model.refusal import refusal_in
 
         args = AsyncEngineArgs(**engine_args(settings, model_dir))
         logger.info("starting vLLM on %s", model_dir)
@@ -155,8 +154,7 @@ class VllmEngine:
             # starts, a machine that cannot hold the model (with the numbers)
             # and GPTQ weights that do not split over the ranks; vLLM wraps
             # those refusals, the supervisor needs them as they are.
-            kinds = (InsufficientMemory, TensorParallelMismatch)
-            if (refusal := refusal_in(exc, kinds)) is not None:
+            if (refusal := refusal_in(exc)) is not None:
                 raise refusal from None
             raise
         return cls(AsyncLLM.from_vllm_config(config, disable_log_stats=True))
