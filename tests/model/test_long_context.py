@@ -46,20 +46,25 @@ def test_prompt_positions_carry_the_level_in_a_constant_offset():
     assert torch.equal(positions[1], torch.arange(3 * SEQ) + offset)
 
 
-@pytest.fixture(scope="module")
-def ntk_dir(tmp_path_factory):
+def write_ntk_model(root, name: str, max_positions: int, seed: int):
+    """A float32 demo checkpoint trained at SEQ positions, with both tricks on."""
     spec = DemoModelSpec(
         hidden_size=128,
         num_attention_heads=4,
         intermediate_size=256,
         seq_length=SEQ,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         use_dynamic_ntk=True,
         use_logn_attn=True,
         dtype="float32",
-        seed=11,
+        seed=seed,
     )
-    return write_demo_model(tmp_path_factory.mktemp("models") / "ntk", spec)
+    return write_demo_model(root.mktemp("models") / name, spec)
+
+
+@pytest.fixture(scope="module")
+def ntk_dir(tmp_path_factory):
+    return write_ntk_model(tmp_path_factory, "ntk", max_positions=512, seed=11)
 
 
 @pytest.mark.slow
@@ -112,26 +117,15 @@ def test_engine_matches_reference_past_the_training_length(ntk_dir):
             assert plain.greedy(prompt, STEPS)[0] != expected, f"{len(prompt)}"
 
 
-# Trained at 64 positions and declaring no more, as Qwen-1.8B declares 8192
-# and is stated for 32K: dynamic NTK reaches four times that.
-SHORT = 64
+# Declaring no more positions than it was trained at, as Qwen-1.8B declares
+# 8192 and is stated for 32K: dynamic NTK reaches four times that.
+SHORT = SEQ
 REACH = 4 * SHORT
 
 
 @pytest.fixture(scope="module")
 def short_dir(tmp_path_factory):
-    spec = DemoModelSpec(
-        hidden_size=128,
-        num_attention_heads=4,
-        intermediate_size=256,
-        seq_length=SHORT,
-        max_position_embeddings=SHORT,
-        use_dynamic_ntk=True,
-        use_logn_attn=True,
-        dtype="float32",
-        seed=12,
-    )
-    return write_demo_model(tmp_path_factory.mktemp("models") / "short", spec)
+    return write_ntk_model(tmp_path_factory, "short", max_positions=SHORT, seed=12)
 
 
 def test_max_model_len_may_reach_past_max_positions_by_dynamic_ntk(short_dir):

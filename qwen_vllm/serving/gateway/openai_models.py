@@ -188,16 +188,7 @@ class SamplingRequest(_Body):
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
 
-    @field_validator(
-        "logit_bias",
-        "store",
-        "modalities",
-        "audio",
-        "prediction",
-        "reasoning_effort",
-        "verbosity",
-        "web_search_options",
-    )
+    @field_validator(*_NOT_SUPPORTED)
     @classmethod
     def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
         if value in (None, {}, False) or value == ["text"]:
