@@ -90,27 +90,49 @@ def process_name(pid: int) -> str:
 
 
 def tp_rank_processes() -> dict[int, int]:
-    """pid -> start time of live vLLM tensor-parallel ranks ("VLLM::Worker_TP<n>").
+    """pid -> start time of live vLLM tensor-parallel ranks.
 
-    Ray may start its daemons detached from the serve process, so the ranks
-    are found by name (the short name or the command line, which the rank
-    rewrites): no other test serves with tensor parallel.
+    A rank names itself "VLLM::Worker_TP<n>" when setproctitle manages to
+    rewrite its title, which it does not always do; so a rank is also known by
+    where it sits: a process spawned by the engine core, itself the first
+    spawned process of its line. Ray may start its daemons detached from the
+    serve process, so the ranks are looked for among all processes: no other
+    test serves with tensor parallel.
     """
     ranks = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        named = "Worker_TP" in process_name(pid) or "Worker_TP" in cmdline(pid)
         stat = proc_stat(pid)
-        if named and stat is not None:
+        if stat is not None and (
+            "Worker_TP" in process_name(pid) + cmdline(pid)
+            or is_spawned_by_engine_core(pid, stat[0])
+        ):
             ranks[pid] = stat[2]
     return ranks
 
 
+def is_spawned(pid: int) -> bool:
+    return "multiprocessing.spawn" in cmdline(pid)
+
+
+def is_spawned_by_engine_core(pid: int, parent: int) -> bool:
+    if not is_spawned(pid):
+        return False
+    if "EngineCore" in process_name(parent) + cmdline(parent):
+        return True
+    parent_stat = proc_stat(parent)
+    return (
+        is_spawned(parent)
+        and parent_stat is not None
+        and not is_spawned(parent_stat[0])
+    )
+
+
 def wait_for_tp_ranks(count: int, log: Path) -> dict[int, int]:
-    """The ranks, once `count` of them are up: they name themselves after
-    joining the tensor-parallel group, which happens before the model loads."""
+    """The ranks, once `count` of them are up (they start, and name
+    themselves, before the model loads)."""
     deadline = time.monotonic() + RANKS_TIMEOUT_S
     while True:
         ranks = tp_rank_processes()
