@@ -80,8 +80,10 @@ class Stack:
         *,
         aliases: tuple[str, ...] = (),
         api_key: str | None = "sk-test-key",
+        flags: tuple[str, ...] = (),
     ) -> None:
         self.model_dir = model_dir
+        self.flags = flags
         self.num_workers = num_workers
         self.model = model_dir.name
         self.model_names = [self.model, *aliases]
@@ -126,6 +128,7 @@ class Stack:
                 if len(self.model_names) > 1
                 else []
             ),
+            *self.flags,
         ]
 
     def workers(self) -> list[dict]:

@@ -6,8 +6,10 @@ eos id is <|endoftext|>: stopping on <|im_end|> must come from the plugin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -21,31 +23,32 @@ pytestmark = pytest.mark.slow
 IM_END = 151645
 
 
+@contextlib.contextmanager
+def vllm_serve(model, log, *flags: str) -> Iterator[openai.OpenAI]:
+    """`vllm serve` of model on a loopback port, eager for a quick start; an
+    openai client of it while it runs."""
+    port = free_port()
+    cmd = [
+        *(venv_bin("vllm"), "serve", str(model)),
+        *("--host", "127.0.0.1", "--port", str(port), "--enforce-eager"),
+        *flags,
+    ]
+    with running(cmd, f"http://127.0.0.1:{port}/health", log=log, timeout=300):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+
+
 @pytest.fixture(scope="module")
 def server(demo_dir, tmp_path_factory):
     model = tmp_path_factory.mktemp("serve") / "Qwen-demo-Chat"
     shutil.copytree(demo_dir, model)
     (model / "generation_config.json").write_text(json.dumps(REAL_GENERATION_CONFIG))
-    port = free_port()
-    cmd = [
-        venv_bin("vllm"),
-        "serve",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "1024",
-        "--enforce-eager",
+    with vllm_serve(
+        model,
+        tmp_path_factory.mktemp("logs") / "vllm-serve.log",
+        *("--max-model-len", "1024"),
         # Qwen's ReAct tool calls, as the README tells users to serve them.
-        "--enable-auto-tool-choice",
-        "--tool-call-parser",
-        "qwen-react",
-    ]
-    log = tmp_path_factory.mktemp("logs") / "vllm-serve.log"
-    with running(cmd, f"http://127.0.0.1:{port}/health", log=log, timeout=300):
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        *("--enable-auto-tool-choice", "--tool-call-parser", "qwen-react"),
+    ) as client:
         yield client, str(model)
 
 
@@ -237,3 +240,52 @@ def test_qwen_react_continues_after_a_tool_result(server):
     ).choices[0]
     (call,) = answer.message.tool_calls
     _check_call(call, {"get_weather", "get_time"})
+
+
+@pytest.fixture(scope="module")
+def lora_server(demo_dir, tmp_path_factory):
+    """`vllm serve` with a PEFT adapter as the README shows, in float32 so the
+    answers can be checked against the float64 reference."""
+    from tests.lora_adapters import AdapterSpec, write_adapter
+
+    root = tmp_path_factory.mktemp("lora-serve")
+    model = root / "Qwen-demo"
+    shutil.copytree(demo_dir, model)
+    adapter = write_adapter(model, root / "sql-lora", AdapterSpec(rank=8, alpha=16))
+    with vllm_serve(
+        model,
+        root / "vllm-serve.log",
+        *("--max-model-len", "512", "--dtype", "float32"),
+        *("--enable-lora", "--lora-modules", f"sql-lora={adapter}"),
+    ) as client:
+        yield client, model, adapter
+
+
+def test_vllm_serve_lists_and_serves_a_peft_adapter(lora_server):
+    from tests.lora_adapters import merged
+    from tests.reference_qwen import ReferenceQwenV1, read_checkpoint
+
+    client, model, adapter = lora_server
+    listed = {m.id: m for m in client.models.list()}
+    assert set(listed) == {str(model), "sql-lora"}
+    assert listed["sql-lora"].parent == str(model)
+
+    prompt = reference_tokenizer().encode("SELECT name FROM users WHERE")
+    steps = 8
+
+    def answer(name: str) -> list[int]:
+        reply = client.completions.create(
+            model=name,
+            prompt=prompt,
+            max_tokens=steps,
+            temperature=0,
+            extra_body={"repetition_penalty": 1.0, "return_token_ids": True},
+        )
+        return reply.choices[0].model_extra["token_ids"]
+
+    base = ReferenceQwenV1(*read_checkpoint(model)).greedy(prompt, steps)[0]
+    tuned = ReferenceQwenV1(*merged(model, adapter)).greedy(prompt, steps)[0]
+    assert base != tuned  # else the adapter could not be told from the base
+    got_tuned, got_base = answer("sql-lora"), answer(str(model))
+    assert got_tuned and got_tuned == tuned[: len(got_tuned)]
+    assert got_base and got_base == base[: len(got_base)]

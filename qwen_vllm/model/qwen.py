@@ -31,7 +31,11 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsQuant
+from vllm.model_executor.models.interfaces import (
+    SupportsLoRA,
+    SupportsMRoPE,
+    SupportsQuant,
+)
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
@@ -322,9 +326,14 @@ def checkpoint_names(param_name: str) -> list[str]:
     return stacked or [name]
 
 
-class QWenLMHeadModel(nn.Module, SupportsQuant, SupportsMRoPE):
+class QWenLMHeadModel(nn.Module, SupportsLoRA, SupportsQuant, SupportsMRoPE):
+    # LoRA adapters name modules as the checkpoint does; vLLM renames them with
+    # this mapper (without the stacking) and packs w2 and w1 into gate_up_proj.
+    # c_attn is one module on disk and here: qkv_proj packs only itself, which
+    # is what makes vLLM wrap it with its fused-QKV LoRA layer (q|k|v in one
+    # update, split per rank as the weight is).
     hf_to_vllm_mapper = CHECKPOINT_NAMES
-    packed_modules_mapping = {"gate_up_proj": ["w2", "w1"]}
+    packed_modules_mapping = {"qkv_proj": ["qkv_proj"], "gate_up_proj": ["w2", "w1"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -73,6 +73,7 @@ class ModelDetails(BaseModel):
 
     context_length: int | None = None
     chat_defaults: ChatDefaults | None = None  # our workers' extension
+    parent: str | None = None  # ours too: the model a LoRA adapter runs on
 
 
 class WorkerInfo(BaseModel):

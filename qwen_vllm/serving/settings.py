@@ -15,10 +15,16 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from qwen_vllm import DEMO_MODEL_NAME
@@ -104,6 +110,12 @@ class WorkerFields(_Settings):
         "gpt-3.5-turbo for Qwen's own clients); default: the checkpoint "
         "directory's name.",
     )
+    lora: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters served beside the model, NAME=PATH, "
+        "comma-separated (YAML: a mapping of names to paths): directories PEFT "
+        "wrote (Qwen's finetune.py); a client asks for one with model=NAME.",
+    )
     tensor_parallel_size: int = Field(
         1,
         ge=1,
@@ -162,6 +174,42 @@ class WorkerFields(_Settings):
         if len(set(names)) != len(names):
             raise ValueError(f"names must differ, got {','.join(names)}")
         return names
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_items(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return [f"{name}={path}" for name, path in value.items()]
+        return split_commas(value)
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_pairs(cls, items: list[str]) -> list[str]:
+        for item in items:
+            name, _, path = item.partition("=")
+            if not name.strip() or not path.strip():
+                raise ValueError(
+                    f"{item!r} is not NAME=PATH (e.g. sql=/models/qwen-7b-sql-lora)"
+                )
+        names = [item.partition("=")[0].strip() for item in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must differ, got {','.join(names)}")
+        return items
+
+    @model_validator(mode="after")
+    def _adapters_named_apart_from_the_model(self) -> Self:
+        clash = set(self.lora_paths()) & set(self.served_model_names())
+        if clash:
+            raise ValueError(
+                f"LoRA adapter name {sorted(clash)[0]!r} is also a name of the "
+                "model; give the adapter another name"
+            )
+        return self
+
+    def lora_paths(self) -> dict[str, str]:
+        """Adapter name -> its directory, as given."""
+        pairs = (item.partition("=") for item in self.lora)
+        return {name.strip(): path.strip() for name, _, path in pairs}
 
     def served_model_names(self) -> list[str]:
         """Every name the model answers to; the first is its own."""

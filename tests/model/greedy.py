@@ -21,8 +21,11 @@ class Generation:
     prompt_logprobs: list[float]  # of prompt[1:]
 
 
-def greedy(llm, prompts: list[list[int]], steps: int) -> list[Generation]:
-    """`steps` greedy tokens for every prompt, batched; shuts the engine down."""
+def greedy(
+    llm, prompts: list[list[int]], steps: int, lora_requests: list | None = None
+) -> list[Generation]:
+    """`steps` greedy tokens for every prompt, batched (each with its LoRA
+    request, if given); shuts the engine down."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -34,7 +37,11 @@ def greedy(llm, prompts: list[list[int]], steps: int) -> list[Generation]:
         detokenize=False,
     )
     try:
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            params,
+            lora_request=lora_requests,
+        )
     finally:
         llm.llm_engine.engine_core.shutdown()
     generations = []

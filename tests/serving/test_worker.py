@@ -25,7 +25,7 @@ from qwen_vllm.serving.protocol import (
 from qwen_vllm.serving.security import INTERNAL_TOKEN_HEADER
 from qwen_vllm.serving.settings import ControllerSettings, WorkerSettings
 from qwen_vllm.serving.worker.app import create_app
-from qwen_vllm.serving.worker.engine import VllmEngine, engine_args
+from qwen_vllm.serving.worker.engine import VllmEngine, engine_args, read_adapters
 from tests.conftest import free_port
 
 
@@ -298,6 +298,7 @@ class FakeLLM:
         self.model_config = FakeModelConfig(context, generation or {})
         self.aborted: list[str] = []
         self.requests = []
+        self.lora_requests = []
 
     def get_tokenizer(self):
         return FakeTokenizer()
@@ -308,8 +309,9 @@ class FakeLLM:
     async def abort(self, request_id):
         self.aborted.append(request_id)
 
-    async def generate(self, prompt, sampling, request_id):
+    async def generate(self, prompt, sampling, request_id, lora_request=None):
         self.requests.append((prompt, sampling))
+        self.lora_requests.append(lora_request)
         for n in range(1, 50):
             completion = SimpleNamespace(
                 text="x" * n,
@@ -404,8 +406,9 @@ class ScriptedLLM(FakeLLM):
     def get_tokenizer(self):
         return self.tokenizer
 
-    async def generate(self, prompt, sampling, request_id):
+    async def generate(self, prompt, sampling, request_id, lora_request=None):
         self.requests.append((prompt, sampling))
+        self.lora_requests.append(lora_request)
         for output in self.outputs:
             yield output
 
@@ -497,3 +500,47 @@ async def test_adapter_without_echo_asks_for_no_prompt_logprobs():
         _, sampling = llm.requests[-1]
         assert sampling.prompt_logprobs is None
         assert chunk.text == ("hix" if params.echo and params.prompt else "x")
+
+
+def test_lora_adapters_are_engine_args_model_names_and_per_request(tmp_path):
+    from tests.checkpoints.test_adapters import write_adapter_dir
+
+    sql = write_adapter_dir(tmp_path / "sql", r=8)
+    chat = write_adapter_dir(tmp_path / "chat", r=12)
+    with_lora = settings(lora=f"sql={sql},chat={chat}")
+    assert with_lora.lora_paths() == {"sql": str(sql), "chat": str(chat)}
+    adapters = read_adapters(with_lora)
+    args = engine_args(with_lora, Path("/models/Qwen-7B-Chat"), adapters)
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (
+        True,
+        2,
+        16,
+    )
+    assert "enable_lora" not in engine_args(settings(), Path("/m"))
+
+    llm = FakeLLM()
+    engine = VllmEngine(llm, adapters)
+
+    async def ask(model):
+        params = GenerateParams(prompt="hi", model=model, max_new_tokens=1)
+        async for _ in engine.generate(params):
+            pass
+
+    for model in ("chat", "qwen-test", None, "sql"):
+        asyncio.run(ask(model))
+    names = [None if r is None else r.lora_name for r in llm.lora_requests]
+    assert names == ["chat", None, None, "sql"]
+    paths = {r.lora_name: r.lora_path for r in llm.lora_requests if r is not None}
+    assert paths == {"chat": str(chat), "sql": str(sql)}
+    assert len({r.lora_int_id for r in llm.lora_requests if r is not None}) == 2
+
+
+def test_lora_names_are_checked_at_start():
+    with pytest.raises(ValidationError, match="is not NAME=PATH"):
+        settings(lora="sql")
+    with pytest.raises(ValidationError, match="adapter names must differ"):
+        settings(lora="a=/x,a=/y")
+    with pytest.raises(ValidationError, match="also a name of the model"):
+        settings(lora="qwen-test=/x")
+    from_yaml = WorkerSettings.model_validate({"lora": {"sql": "/a", "chat": "/b"}})
+    assert from_yaml.lora_paths() == {"sql": "/a", "chat": "/b"}

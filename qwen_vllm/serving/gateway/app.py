@@ -172,7 +172,12 @@ def _routes() -> APIRouter:
     @router.get("/v1/models", responses=_ERRORS)
     async def list_models(gateway: GatewayDep) -> ModelList:
         names = await gateway.backend.list_models()
-        return ModelList(data=[ModelCard(id=name) for name in names])
+        return ModelList(
+            data=[
+                ModelCard(id=name, parent=await _parent(gateway, name))
+                for name in names
+            ]
+        )
 
     @router.post(
         "/v1/chat/completions",
@@ -225,3 +230,13 @@ def _event_stream(stream: EventStream) -> StreamingResponse:
         headers=SSE_HEADERS,
         background=BackgroundTask(stream.close),
     )
+
+
+async def _parent(gateway: Gateway, model: str) -> str | None:
+    """The base model of a LoRA adapter (None for a model), from its worker's
+    details, which the client caches."""
+    try:
+        details = await gateway.backend.model_details(model)
+    except BackendError:  # its workers are gone: listed, parent unknown
+        return None
+    return details.parent

@@ -71,7 +71,8 @@ class ControllerLink:
         self.engine = engine
         self.client = client
         self.url = worker_url(settings)
-        self.model_names = settings.served_model_names()
+        # The model's names, then its adapters': the controller routes each.
+        self.model_names = settings.served_model_names() + list(settings.lora_paths())
         self.headers = token_headers(settings.internal_token)
 
     def status(self) -> dict:
@@ -242,13 +243,17 @@ def create_app(
 
         return {"conv": jsonable_encoder(get_conv_template(QWEN_CONV_TEMPLATE))}
 
+    adapters = set(settings.lora_paths())
+
     @app.post("/model_details")
-    async def model_details() -> dict:
+    async def model_details(request: Request) -> dict:
+        asked = (await _json_body(request)).get("model")
         return {
             "context_length": engine.context_length,
             "model": model_name,
             "chat_defaults": engine.chat_defaults.model_dump(),
             "generation_defaults": engine.generation_defaults,
+            "parent": model_name if asked in adapters else None,
         }
 
     @app.get("/health")

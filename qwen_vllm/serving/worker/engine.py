@@ -13,6 +13,7 @@ from typing import Any
 
 from qwen_vllm.chat.chatml import build_prompt_ids
 from qwen_vllm.chat.vocab import with_chatml_stops
+from qwen_vllm.checkpoints.adapters import LoraAdapter, max_lora_rank
 from qwen_vllm.model.generation_defaults import GenerationDefaults
 from qwen_vllm.serving.protocol import (
     ChatDefaults,
@@ -52,7 +53,15 @@ def resolve_model_dir(settings: WorkerSettings) -> Path:
     return Path(settings.model).expanduser()
 
 
-def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
+def read_adapters(settings: WorkerSettings) -> list[LoraAdapter]:
+    """The --lora adapters, each checked before the engine starts."""
+    paths = settings.lora_paths()
+    return [LoraAdapter.read(name, path) for name, path in paths.items()]
+
+
+def engine_args(
+    settings: WorkerSettings, model_dir: Path, adapters: list[LoraAdapter] = ()
+) -> dict[str, Any]:
     args: dict[str, Any] = {
         "model": str(model_dir),
         "served_model_name": settings.served_model_names(),
@@ -71,6 +80,11 @@ def engine_args(settings: WorkerSettings, model_dir: Path) -> dict[str, Any]:
         args["max_model_len"] = settings.max_model_len
     if settings.max_num_seqs is not None:
         args["max_num_seqs"] = settings.max_num_seqs
+    if adapters:
+        # Every adapter stays loaded, so one batch can mix them all.
+        args["enable_lora"] = True
+        args["max_loras"] = len(adapters)
+        args["max_lora_rank"] = max_lora_rank(adapters)
     args.update(settings.engine_args)
     args["additional_config"] = {
         **args.get("additional_config", {}),
@@ -123,8 +137,15 @@ def _sampling_fields(params: GenerateParams) -> dict[str, Any]:
 class VllmEngine:
     """Adapts AsyncLLM to the worker protocol: ChatML, stop ids, chunks."""
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, adapters: list[LoraAdapter] = ()) -> None:
+        from vllm.lora.request import LoRARequest
+
         self.llm = llm
+        # A request for an adapter's name runs with that adapter (ids from 1).
+        self.lora_requests = {
+            adapter.name: LoRARequest(adapter.name, i, str(adapter.path))
+            for i, adapter in enumerate(adapters, start=1)
+        }
         self.tokenizer = llm.get_tokenizer()
         self.context_length: int = llm.model_config.max_model_len
         self.defaults = GenerationDefaults.of(llm.model_config)
@@ -142,10 +163,11 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        model_dir = resolve_model_dir(settings)
         from qwen_vllm.model.refusal import refusal_in
 
-        args = AsyncEngineArgs(**engine_args(settings, model_dir))
+        model_dir = resolve_model_dir(settings)
+        adapters = read_adapters(settings)
+        args = AsyncEngineArgs(**engine_args(settings, model_dir, adapters))
         logger.info("starting vLLM on %s", model_dir)
         try:
             config = args.create_engine_config()
@@ -157,7 +179,7 @@ class VllmEngine:
             if (refusal := refusal_in(exc)) is not None:
                 raise refusal from None
             raise
-        return cls(AsyncLLM.from_vllm_config(config, disable_log_stats=True))
+        return cls(AsyncLLM.from_vllm_config(config, disable_log_stats=True), adapters)
 
     def shutdown(self) -> None:
         self.llm.shutdown()
@@ -267,7 +289,10 @@ class VllmEngine:
         finished = False
         self._in_flight += 1
         stream = self.llm.generate(
-            {"prompt_token_ids": prompt_ids}, sampling, request_id
+            {"prompt_token_ids": prompt_ids},
+            sampling,
+            request_id,
+            lora_request=self.lora_requests.get(params.model or ""),
         )
         try:
             async for output in stream:

@@ -1,0 +1,74 @@
+"""LoRA adapters as PEFT writes them (Qwen's finetune.py with --use_lora or
+--q_lora): a directory with adapter_config.json and adapter_model.safetensors
+or adapter_model.bin.
+
+Read and checked before the engine starts, so a wrong path or an adapter vLLM
+cannot serve is one message at start, not a failed request later. Pure Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from qwen_vllm.model.refusal import ConfigRefused
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# vLLM 0.32's allowed --max-lora-rank values (vllm.config.lora.MaxLoRARanks).
+VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class AdapterRefused(ConfigRefused):
+    """A LoRA adapter that cannot be served; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+    name: str
+    path: Path
+    rank: int
+
+    @classmethod
+    def read(cls, name: str, path: str | Path) -> LoraAdapter:
+        where = f"LoRA adapter {name!r} ({path})"
+        path = Path(path).expanduser()
+        config_file = path / "adapter_config.json"
+        if not config_file.is_file():
+            raise AdapterRefused(
+                f"{where}: no adapter_config.json there; pass the directory "
+                "PEFT's save_pretrained (Qwen's finetune.py) wrote"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise AdapterRefused(f"{where}: cannot read {config_file}: {exc}") from exc
+        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+            raise AdapterRefused(
+                f"{where}: not a LoRA adapter (peft_type "
+                f"{config.get('peft_type') if isinstance(config, dict) else None!r})"
+            )
+        if not any((path / file).is_file() for file in WEIGHT_FILES):
+            raise AdapterRefused(
+                f"{where}: no {' or '.join(WEIGHT_FILES)} beside its config"
+            )
+        if config.get("modules_to_save"):
+            raise AdapterRefused(
+                f"{where}: it also trains whole modules "
+                f"({', '.join(config['modules_to_save'])}; Qwen's 'LoRA (emb)'), "
+                "which vLLM cannot serve as an adapter; merge it into the base "
+                "model (PEFT's merge_and_unload, then save_pretrained) and serve "
+                "the merged checkpoint with --model"
+            )
+        rank = config.get("r")
+        if not isinstance(rank, int) or not 0 < rank <= VLLM_MAX_RANKS[-1]:
+            raise AdapterRefused(
+                f"{where}: rank r={rank!r}; vLLM serves ranks 1 to {VLLM_MAX_RANKS[-1]}"
+            )
+        return cls(name=name, path=path, rank=rank)
+
+
+def max_lora_rank(adapters: list[LoraAdapter]) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds every adapter."""
+    largest = max(adapter.rank for adapter in adapters)
+    return next(rank for rank in VLLM_MAX_RANKS if rank >= largest)
