@@ -30,15 +30,18 @@ class AdapterSpec:
     std: float = 0.05  # of every LoRA A and B entry: both non-zero
     safetensors: bool = True  # else adapter_model.bin
     targets: tuple[str, ...] = tuple(QWEN_TARGETS)
+    # Qwen's "LoRA (emb)": the embedding and LM head trained whole as well.
+    modules_to_save: tuple[str, ...] = ()
 
 
-def _linear_skeleton(weights: dict[str, torch.Tensor]) -> nn.Module:
-    """A module tree with the checkpoint's names and a Linear for every 2-D
-    weight of a target module: all peft needs to wrap it."""
+def _skeleton(weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree with the checkpoint's names: a Linear for every weight of
+    a target module and the LM head, and the embedding, holding the base's
+    values: all peft needs to wrap it."""
     root = nn.Module()
     for name, tensor in weights.items():
         path = name.removesuffix(".weight").split(".")
-        if not name.endswith(".weight") or path[-1] not in QWEN_TARGETS:
+        if not name.endswith(".weight") or path[-1] not in [*QWEN_TARGETS, "lm_head"]:
             continue
         parent = root
         for part in path[:-1]:
@@ -48,6 +51,13 @@ def _linear_skeleton(weights: dict[str, torch.Tensor]) -> nn.Module:
         out_features, in_features = tensor.shape
         bias = name.removesuffix(".weight") + ".bias" in weights
         parent.add_module(path[-1], nn.Linear(in_features, out_features, bias=bias))
+    root.transformer.add_module(
+        "wte", nn.Embedding(*weights["transformer.wte.weight"].shape)
+    )
+    root.load_state_dict(
+        {k: v.float() for k, v in weights.items() if k in root.state_dict()},
+        strict=False,
+    )
     return root
 
 
@@ -61,16 +71,20 @@ def write_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
         lora_alpha=spec.alpha,
         use_rslora=spec.rslora,
         target_modules=list(spec.targets),
+        modules_to_save=list(spec.modules_to_save) or None,
         lora_dropout=0.0,
         bias="none",
         init_lora_weights=False,
     )
-    model = get_peft_model(_linear_skeleton(weights), config)
+    model = get_peft_model(_skeleton(weights), config)
     generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * spec.std)
+            elif ".modules_to_save." in name:  # "trained": the base plus noise
+                noise = torch.randn(param.shape, generator=generator) * spec.std
+                param.copy_(param + noise)
     model.save_pretrained(str(out_dir), safe_serialization=spec.safetensors)
     return out_dir
 
@@ -91,7 +105,8 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def merged(base_dir: Path, adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, float64 weights) of the base with the adapter merged in:
-    W + s * B @ A, s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    W + s * B @ A, s = alpha / r, or alpha / sqrt(r) with rsLoRA; a module
+    the adapter saved whole (modules_to_save) replaced by its copy."""
     config, weights = read_checkpoint(base_dir)
     adapter_config, tensors = read_adapter(adapter_dir)
     rank = adapter_config["r"]
@@ -99,6 +114,10 @@ def merged(base_dir: Path, adapter_dir: Path) -> tuple[dict, dict[str, torch.Ten
     scale = alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
     updated = 0
     for name, a in tensors.items():
+        if ".lora_" not in name:  # PEFT names a saved module as the base does
+            weights[name.removeprefix(_PEFT_PREFIX)] = a
+            updated += 1
+            continue
         if not name.endswith(".lora_A.weight"):
             continue
         module = name.removeprefix(_PEFT_PREFIX).removesuffix(".lora_A.weight")

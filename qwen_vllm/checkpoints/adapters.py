@@ -23,6 +23,34 @@ class AdapterRefused(ConfigRefused):
     """A LoRA adapter that cannot be served; the message says what to do."""
 
 
+def adapter_config(path: Path, where: str) -> dict:
+    """A PEFT LoRA directory's adapter_config.json, once its files are there."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterRefused(
+            f"{where}: no adapter_config.json there; pass the directory "
+            "PEFT's save_pretrained (Qwen's finetune.py) wrote"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterRefused(f"{where}: cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterRefused(
+            f"{where}: not a LoRA adapter (peft_type "
+            f"{config.get('peft_type') if isinstance(config, dict) else None!r})"
+        )
+    if not any((path / file).is_file() for file in WEIGHT_FILES):
+        files = " or ".join(WEIGHT_FILES)
+        raise AdapterRefused(f"{where}: no {files} beside its config")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 0 < rank <= VLLM_MAX_RANKS[-1]:
+        raise AdapterRefused(
+            f"{where}: rank r={rank!r}; vLLM serves ranks 1 to {VLLM_MAX_RANKS[-1]}"
+        )
+    return config
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraAdapter:
     name: str
@@ -33,39 +61,16 @@ class LoraAdapter:
     def read(cls, name: str, path: str | Path) -> LoraAdapter:
         where = f"LoRA adapter {name!r} ({path})"
         path = Path(path).expanduser()
-        config_file = path / "adapter_config.json"
-        if not config_file.is_file():
-            raise AdapterRefused(
-                f"{where}: no adapter_config.json there; pass the directory "
-                "PEFT's save_pretrained (Qwen's finetune.py) wrote"
-            )
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise AdapterRefused(f"{where}: cannot read {config_file}: {exc}") from exc
-        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-            raise AdapterRefused(
-                f"{where}: not a LoRA adapter (peft_type "
-                f"{config.get('peft_type') if isinstance(config, dict) else None!r})"
-            )
-        if not any((path / file).is_file() for file in WEIGHT_FILES):
-            raise AdapterRefused(
-                f"{where}: no {' or '.join(WEIGHT_FILES)} beside its config"
-            )
+        config = adapter_config(path, where)
         if config.get("modules_to_save"):
             raise AdapterRefused(
                 f"{where}: it also trains whole modules "
                 f"({', '.join(config['modules_to_save'])}; Qwen's 'LoRA (emb)'), "
-                "which vLLM cannot serve as an adapter; merge it into the base "
-                "model (PEFT's merge_and_unload, then save_pretrained) and serve "
-                "the merged checkpoint with --model"
+                "which vLLM cannot serve as an adapter; write the fine-tuned model "
+                "with `qwen-vllm merge-lora BASE ADAPTER OUT` and serve it with "
+                "--model OUT"
             )
-        rank = config.get("r")
-        if not isinstance(rank, int) or not 0 < rank <= VLLM_MAX_RANKS[-1]:
-            raise AdapterRefused(
-                f"{where}: rank r={rank!r}; vLLM serves ranks 1 to {VLLM_MAX_RANKS[-1]}"
-            )
-        return cls(name=name, path=path, rank=rank)
+        return cls(name=name, path=path, rank=config["r"])
 
 
 def max_lora_rank(adapters: list[LoraAdapter]) -> int:

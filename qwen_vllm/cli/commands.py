@@ -51,6 +51,33 @@ def _run_demo_model(args: argparse.Namespace) -> None:
     print(f"wrote Qwen v1 demo checkpoint to {path}")
 
 
+def _add_merge_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge-lora",
+        help="write a LoRA fine-tune as a standalone checkpoint",
+        description="Merge a PEFT LoRA adapter (Qwen's finetune.py output, "
+        "modules_to_save included) into its base model and write the result "
+        "in the base's layout, to serve with --model. Adapters without "
+        "modules_to_save can also be served unmerged with --lora.",
+    )
+    p.add_argument("base", help="the base model's checkpoint directory")
+    p.add_argument("adapter", help="the adapter directory PEFT wrote")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.set_defaults(run=_run_merge_lora)
+
+
+def _run_merge_lora(args: argparse.Namespace) -> None:
+    from qwen_vllm.checkpoints.directory import NotACheckpoint
+    from qwen_vllm.checkpoints.merge_lora import merge_lora
+    from qwen_vllm.model.refusal import ConfigRefused
+
+    try:
+        out = merge_lora(args.base, args.adapter, args.out)
+    except (NotACheckpoint, ConfigRefused, FileExistsError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"wrote the merged checkpoint to {out}; serve it with --model {out}")
+
+
 _SERVICE_HELP = {
     "controller": "run the FastChat-protocol controller alone",
     "worker": "run one vLLM worker alone (registers with the controller)",
@@ -210,6 +237,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_chat,
     *(_add_service(kind) for kind in _SERVICE_HELP),
     _add_demo_model,
+    _add_merge_lora,
     _add_bench,
     _add_launch,
 ]

@@ -221,21 +221,33 @@ class ControllerClient:
     async def _controller_call(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> Any:
-        try:
-            response = await self._http.request(
-                method,
-                self._controller + path,
-                json=body,
-                headers=self._headers,
-                timeout=CONTROLLER_TIMEOUT,
-            )
-            response.raise_for_status()
-            return response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            logger.warning("Controller call %s failed: %r", path, exc)
-            raise ControllerUnavailableError(
-                "The controller is unreachable or failed."
-            ) from exc
+        """One lookup; each is read-only, so it is safe to send twice."""
+        failure: Exception | None = None
+        for _ in range(2):
+            try:
+                response = await self._http.request(
+                    method,
+                    self._controller + path,
+                    json=body,
+                    headers=self._headers,
+                    timeout=CONTROLLER_TIMEOUT,
+                )
+                response.raise_for_status()
+                return response.json()
+            except httpx.TimeoutException as exc:  # too slow: not asked twice
+                failure = exc
+                break
+            except httpx.TransportError as exc:
+                # A pooled connection the controller has just closed for being
+                # idle fails before any answer: ask again, on a new connection.
+                failure = exc
+            except (httpx.HTTPError, ValueError) as exc:
+                failure = exc
+                break
+        logger.warning("Controller call %s failed: %r", path, failure)
+        raise ControllerUnavailableError(
+            "The controller is unreachable or failed."
+        ) from failure
 
     async def _pick_worker(self, model: str, failed: list[str]) -> str:
         address = ""

@@ -38,7 +38,8 @@ def test_refusals_name_the_adapter_and_what_to_do(tmp_path):
         LoraAdapter.read("gone", tmp_path / "missing")
 
     emb = write_adapter_dir(tmp_path / "emb", modules_to_save=["wte", "lm_head"])
-    with pytest.raises(AdapterRefused, match=r"wte, lm_head.*merge_and_unload"):
+    merge = r"wte, lm_head.*`qwen-vllm merge-lora BASE ADAPTER OUT`"
+    with pytest.raises(AdapterRefused, match=merge):
         LoraAdapter.read("emb", emb)
 
     prefix = write_adapter_dir(tmp_path / "prefix", peft_type="PREFIX_TUNING")
@@ -80,5 +81,5 @@ def test_the_worker_command_refuses_an_adapter_in_one_line(demo_dir, tmp_path):
     )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "qwen-vllm worker: error: LoRA adapter 'emb'" in run.stderr
-    assert "merge_and_unload" in run.stderr
+    assert "qwen-vllm merge-lora" in run.stderr
     assert "Traceback" not in run.stderr + run.stdout

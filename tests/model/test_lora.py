@@ -136,3 +136,30 @@ def assert_each_its_own_model(requests, results, prompts, expected):
         assert tokens == want_tokens, who
         diff = max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True))
         assert diff < 1e-3, who
+
+
+def test_a_lora_emb_adapter_merged_by_merge_lora_serves_as_the_reference(
+    wide_dir, prompts, expected, tmp_path
+):
+    """Qwen's "LoRA (emb)" (modules_to_save: the embedding and LM head) cannot
+    be served as an adapter; `qwen-vllm merge-lora` makes it a checkpoint."""
+    from vllm import LLM
+
+    from qwen_vllm.cli.commands import main
+
+    spec = AdapterSpec(rank=8, alpha=16, seed=4, modules_to_save=("wte", "lm_head"))
+    adapter = write_adapter(wide_dir, tmp_path / "emb-lora", spec)
+    out = tmp_path / "merged"
+    assert main(["merge-lora", str(wide_dir), str(adapter), str(out)]) == 0
+
+    reference = ReferenceQwenV1(*merged(wide_dir, adapter))
+    llm = LLM(
+        model=str(out), dtype="float32", max_model_len=512, seed=0, enforce_eager=True
+    )
+    generations = greedy(llm, prompts, STEPS)
+    for prompt, got, base in zip(prompts, generations, expected[None], strict=True):
+        want_tokens, want_logprobs = reference.greedy(prompt, STEPS)
+        assert want_tokens != base[0]  # else merging could not be told apart
+        assert got.tokens == want_tokens
+        diff = max(abs(a - b) for a, b in zip(got.logprobs, want_logprobs, strict=True))
+        assert diff < 1e-3

@@ -4,7 +4,9 @@ gateway in front of them (its own lifespan-made client, real sockets)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -264,6 +266,47 @@ async def test_no_worker_unknown_model_and_all_workers_down() -> None:
         client = make_client(http, dead_address())
         with pytest.raises(ControllerUnavailableError):
             await client.list_models()
+
+
+async def test_a_controller_connection_closed_as_idle_is_asked_again() -> None:
+    """The keep-alive race: the controller closes a pooled connection just as
+    the next lookup goes out on it. Here, deterministically: the second request
+    on the first connection is read and the connection closed unanswered."""
+    connections = 0
+    reply = json.dumps({"models": [MODEL]}).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        nonlocal connections
+        connections += 1
+        first_connection = connections == 1
+        try:
+            for served in itertools.count():
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                if first_connection and served == 1:
+                    return  # closed without an answer
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply)
+                )
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient() as http:
+            client = make_client(http, f"http://127.0.0.1:{port}")
+            assert await client.list_models() == [MODEL]
+            assert await client.list_models() == [MODEL]
+        assert connections == 2
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_wrong_internal_token_is_a_worker_failure() -> None:
