@@ -208,12 +208,16 @@ def wait_for_worker(controller: str, timeout: float) -> None:
 
 @contextlib.contextmanager
 def deployment(
-    model: Path, workdir: Path, systems: list[str], ports: dict[str, int] | None = None
+    model: Path,
+    workdir: Path,
+    systems: list[str],
+    ports: dict[str, int] | None = None,
+    qwen_vllm_flags: tuple[str, ...] = (),
 ) -> Iterator[dict]:
     """Start every system; yield {system: OpenAI base URL}; stop them all.
 
     `ports` (filled in here) tells the caller where qwen-vllm's gateway,
-    controller and worker listen."""
+    controller and worker listen; `qwen_vllm_flags` go to `qwen-vllm serve`."""
     logs = workdir / "logs"
     ports = {} if ports is None else ports
     for name in ("gateway", "controller", "worker", "vllm", "fastchat"):
@@ -249,6 +253,7 @@ def deployment(
                 # FastChat's API server and benchmarks/ttft_breakdown.py call
                 # the controller and the worker, and send no internal token.
                 "--insecure-no-internal-token",
+                *qwen_vllm_flags,
             ],
             f"http://127.0.0.1:{ports['gateway']}/health",
             logs / "qwen-vllm.log",
