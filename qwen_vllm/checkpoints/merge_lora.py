@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from qwen_vllm.checkpoints.adapters import AdapterRefused, adapter_config
+from qwen_vllm.checkpoints.adapters import (
+    WEIGHT_FILES,
+    AdapterRefused,
+    adapter_config,
+)
 from qwen_vllm.checkpoints.directory import read_config
 
 _PEFT_PREFIX = "base_model.model."
@@ -60,7 +64,7 @@ class AdapterUpdates:
         tensors = _load(
             next(
                 adapter_dir / name
-                for name in ("adapter_model.safetensors", "adapter_model.bin")
+                for name in WEIGHT_FILES
                 if (adapter_dir / name).is_file()
             )
         )
