@@ -75,12 +75,13 @@ def _register_model() -> None:
     _add_chatml_stop_ids()
     _render_chat_to_token_ids()
     _register_tool_parser()
-    _serve_base_requests_beside_adapters()
+    _install_cpu_lora_ops()
 
 
-def _serve_base_requests_beside_adapters() -> None:
+def _install_cpu_lora_ops() -> None:
     # vLLM 0.32's CPU LoRA ops give a request without an adapter the last
-    # adapter's update when they share a batch (see model/cpu_lora.py).
+    # adapter's update when they share a batch, and copy each token's adapter
+    # matrices (see model/cpu_lora.py).
     from qwen_vllm.model import cpu_lora
 
     cpu_lora.patch()

@@ -104,10 +104,18 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def merged(base_dir: Path, adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, float64 weights) of the base with the adapter merged in:
-    W + s * B @ A, s = alpha / r, or alpha / sqrt(r) with rsLoRA; a module
-    the adapter saved whole (modules_to_save) replaced by its copy."""
+    """(config, float64 weights) of the base with the adapter merged in."""
     config, weights = read_checkpoint(base_dir)
+    return config, merged_into(weights, adapter_dir)
+
+
+def merged_into(
+    weights: dict[str, torch.Tensor], adapter_dir: Path
+) -> dict[str, torch.Tensor]:
+    """Float64 weights with the adapter merged in: W + s * B @ A, s = alpha / r,
+    or alpha / sqrt(r) with rsLoRA; a module the adapter saved whole
+    (modules_to_save) replaced by its copy."""
+    weights = dict(weights)
     adapter_config, tensors = read_adapter(adapter_dir)
     rank = adapter_config["r"]
     alpha = adapter_config["lora_alpha"]
@@ -125,4 +133,4 @@ def merged(base_dir: Path, adapter_dir: Path) -> tuple[dict, dict[str, torch.Ten
         weights[f"{module}.weight"] = weights[f"{module}.weight"] + scale * (b @ a)
         updated += 1
     assert updated, f"no LoRA weights in {adapter_dir}"
-    return config, weights
+    return weights

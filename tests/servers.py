@@ -106,3 +106,28 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 def venv_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
+
+
+@contextlib.contextmanager
+def fastchat_openai_api_server(controller: str, workdir: Path) -> Iterator[str]:
+    """FastChat's own `python -m fastchat.serve.openai_api_server` on a
+    controller; yields its API's base URL (.../v1). FastChat writes its log
+    files into its working directory, `workdir`."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    cmd = [
+        venv_bin("python"),
+        "-m",
+        "fastchat.serve.openai_api_server",
+        "--controller-address",
+        controller,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    url = f"http://127.0.0.1:{port}/v1"
+    log = workdir / "fastchat-api.log"
+    with running(cmd, f"{url}/models", log=log, env={"PYTHONPATH": ""}, cwd=workdir):
+        yield url

@@ -150,6 +150,10 @@ def test_the_suite_allows_exactly_its_cpu_skips() -> None:
             "test_int4_generation_matches_the_dequantized_reference",
             "needs a GPTQ kernel",
         ),
+        (
+            "test_a_qlora_adapter_on_int4_matches_the_dequantized_reference_merged",
+            "needs a GPTQ kernel",
+        ),
         ("test_without_a_gptq_kernel_the_error_says_so", "this vLLM build runs GPTQ"),
     ]:
         assert is_allowed(Skip(quantization + test, reason), entries)

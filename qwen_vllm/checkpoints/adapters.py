@@ -73,7 +73,20 @@ class LoraAdapter:
         return cls(name=name, path=path, rank=config["r"])
 
 
-def max_lora_rank(adapters: list[LoraAdapter]) -> int:
-    """The smallest --max-lora-rank vLLM accepts that holds every adapter."""
-    largest = max(adapter.rank for adapter in adapters)
-    return next(rank for rank in VLLM_MAX_RANKS if rank >= largest)
+def max_lora_rank(adapters: list[LoraAdapter], asked: int | None = None) -> int:
+    """The --max-lora-rank to start vLLM with: the one asked for, checked
+    against vLLM's choices and the adapters, or the smallest of vLLM's choices
+    that holds every adapter (16, vLLM's default, without any)."""
+    largest = max((adapter.rank for adapter in adapters), default=16)
+    if asked is None:
+        return next(rank for rank in VLLM_MAX_RANKS if rank >= largest)
+    if asked not in VLLM_MAX_RANKS:
+        choices = ", ".join(map(str, VLLM_MAX_RANKS))
+        raise AdapterRefused(f"--max-lora-rank {asked}: vLLM serves one of {choices}")
+    for adapter in adapters:
+        if adapter.rank > asked:
+            raise AdapterRefused(
+                f"LoRA adapter {adapter.name!r} ({adapter.path}) has rank "
+                f"{adapter.rank}, more than --max-lora-rank {asked}; raise it"
+            )
+    return asked

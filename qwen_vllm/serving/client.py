@@ -126,7 +126,18 @@ class Backend(Protocol):
 class WorkerStatusSource(Protocol):
     """Optional: backends that can list workers feed the queue-depth metrics."""
 
-    async def workers(self) -> list[WorkerInfo]: ...
+    async def workers(self, *, fresh: bool = False) -> list[WorkerInfo]: ...
+
+
+@runtime_checkable
+class WorkerAdmin(WorkerStatusSource, Protocol):
+    """Optional: backends that can call each worker (adapter loading)."""
+
+    async def post_worker(
+        self, address: str, path: str, body: dict[str, Any]
+    ) -> httpx.Response: ...
+
+    def forget(self, model: str) -> None: ...
 
 
 class ControllerClient:
@@ -201,9 +212,10 @@ class ControllerClient:
             str(reply.get("error") or f"No healthy worker serves {model!r} right now.")
         )
 
-    async def workers(self) -> list[WorkerInfo]:
-        """Every worker with its queue length and health; cached briefly."""
-        if (cached := self._workers.get("all")) is not None:
+    async def workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
+        """Every worker with its queue length and health; cached briefly
+        unless `fresh`."""
+        if not fresh and (cached := self._workers.get("all")) is not None:
             return cached
         reply = await self._controller_call("GET", "/workers")
         raw = reply.get("workers", reply) if isinstance(reply, dict) else reply
@@ -333,6 +345,23 @@ class ControllerClient:
             ttl = self._details_ttl
         self._details[model] = (details, ttl)
         return details
+
+    async def post_worker(
+        self, address: str, path: str, body: dict[str, Any]
+    ) -> httpx.Response:
+        """One call to one worker, whatever it answers (raises httpx.HTTPError
+        when there is no answer)."""
+        return await self._http.post(
+            address + path,
+            json=body,
+            headers=self._headers,
+            timeout=self._worker_timeout,
+        )
+
+    def forget(self, model: str) -> None:
+        """Drop what is cached about a model whose workers changed."""
+        self._details.pop(model, None)
+        self._workers.pop("all", None)
 
     async def _worker_call(self, model: str, path: str, body: dict[str, Any]) -> Any:
         failover = _Failover(self, model)

@@ -116,6 +116,20 @@ class WorkerFields(_Settings):
         "comma-separated (YAML: a mapping of names to paths): directories PEFT "
         "wrote (Qwen's finetune.py); a client asks for one with model=NAME.",
     )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA adapters one batch can mix (vLLM's --max-loras); "
+        "default: the number of --lora adapters. Set it to load adapters at run "
+        "time (POST /v1/load_lora_adapter) on a model served without --lora.",
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="Highest adapter rank served (vLLM's --max-lora-rank: 1, 8, "
+        "16, 32, 64, 128, 256, 320 or 512); default: the smallest that holds "
+        "the --lora adapters, 16 without any.",
+    )
     tensor_parallel_size: int = Field(
         1,
         ge=1,

@@ -33,6 +33,16 @@ def test_max_lora_rank_is_the_smallest_vllm_value_that_holds_all(ranks, limit):
     assert max_lora_rank(adapters) == limit
 
 
+def test_an_asked_max_lora_rank_is_one_vllm_serves_and_holds_the_adapters():
+    assert max_lora_rank([]) == 16  # vLLM's default, for adapters loaded later
+    assert max_lora_rank([], asked=64) == 64
+    with pytest.raises(AdapterRefused, match=r"--max-lora-rank 12: vLLM serves one"):
+        max_lora_rank([], asked=12)
+    big = LoraAdapter("big", Path("/x"), 32)
+    with pytest.raises(AdapterRefused, match=r"'big'.*rank 32, more than.*16; raise"):
+        max_lora_rank([big], asked=16)
+
+
 def test_refusals_name_the_adapter_and_what_to_do(tmp_path):
     with pytest.raises(AdapterRefused, match=r"'gone'.*no adapter_config.json"):
         LoraAdapter.read("gone", tmp_path / "missing")

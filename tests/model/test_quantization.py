@@ -19,6 +19,7 @@ from qwen_vllm.checkpoints.demo import DemoModelSpec, write_demo_model
 from qwen_vllm.model import hooks as arch
 from qwen_vllm.model.sizes import TensorParallelMismatch
 from tests.gptq_checkpoint import dequantized_weights, write_gptq_checkpoint
+from tests.lora_adapters import AdapterSpec, merged_into, write_adapter
 from tests.reference_qwen import ReferenceQwenV1
 
 SPEC = DemoModelSpec(hidden_size=128, num_attention_heads=4, intermediate_size=512)
@@ -73,6 +74,56 @@ def test_without_a_gptq_kernel_the_error_says_so(int4_dir):
 
     with pytest.raises(Exception, match="no GPTQ kernel"):
         LLM(model=str(int4_dir), enforce_eager=True, max_model_len=256)
+
+
+@pytest.mark.skipif(not gptq_kernel_available(), reason="needs a GPTQ kernel")
+def test_a_qlora_adapter_on_int4_matches_the_dequantized_reference_merged(
+    int4_dir, tmp_path
+):
+    """Qwen's Q-LoRA: an adapter trained on the -Int4 model, served on it."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    # PEFT builds the adapter on the float model the Int4 one was made from.
+    spec = AdapterSpec(rank=8, alpha=32, seed=5, std=0.1)
+    adapter = write_adapter(int4_dir.parent / "fp", tmp_path / "qlora", spec)
+    config = json.loads((int4_dir / "config.json").read_text())
+    base = dequantized_weights(int4_dir, bits=4)
+    prompt = list(range(1000, 1040))
+
+    def top5(weights) -> dict[int, float]:
+        logits = ReferenceQwenV1(config, weights).logits(prompt, last_only=True)[-1]
+        logprobs = torch.log_softmax(logits, -1)
+        return {int(i): float(logprobs[i]) for i in logprobs.topk(5).indices}
+
+    want, untuned = top5(merged_into(base, adapter)), top5(base)
+    # Else the adapter could not be told from the base at this tolerance.
+    assert (
+        want.keys() != untuned.keys()
+        or max(abs(want[i] - untuned[i]) for i in want) > 0.2
+    )
+
+    llm = LLM(
+        model=str(int4_dir),
+        dtype="float16",
+        enforce_eager=True,
+        enable_lora=True,
+        max_loras=1,
+        max_lora_rank=spec.rank,
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+        request = LoRARequest("qlora", 1, str(adapter))
+        (output,) = llm.generate(
+            [{"prompt_token_ids": prompt}], params, lora_request=request
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    (token,) = output.outputs[0].token_ids
+    assert token == max(want, key=want.get)
+    got = {i: p.logprob for i, p in output.outputs[0].logprobs[0].items() if i in want}
+    assert got.keys() == want.keys()
+    assert max(abs(got[i] - want[i]) for i in want) < 5e-2
 
 
 def test_8_bit_gptq_on_cpu_is_refused_plainly(tmp_path, monkeypatch):

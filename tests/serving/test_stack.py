@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port
-from tests.servers import running
+from tests.servers import fastchat_openai_api_server
 
 pytestmark = pytest.mark.slow
 
@@ -190,38 +189,17 @@ def test_a_key_is_required(stack):
 
 
 def test_fastchat_openai_api_server_serves_from_our_worker(stack, tmp_path):
-    port = free_port()
-    cmd = [
-        os.path.join(os.path.dirname(os.sys.executable), "python"),
-        "-m",
-        "fastchat.serve.openai_api_server",
-        "--controller-address",
-        stack.controller,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    env = {"PYTHONPATH": ""}
-    log = tmp_path / "fastchat-api.log"
-    old_cwd = os.getcwd()
-    os.chdir(tmp_path)  # FastChat writes log files into its working directory
-    try:
-        with running(cmd, f"http://127.0.0.1:{port}/v1/models", log=log, env=env):
-            fastchat = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0
-            )
-            assert [m.id for m in fastchat.models.list()] == [stack.model]
-            reply = fastchat.chat.completions.create(
-                model=stack.model,
-                messages=[{"role": "user", "content": "你好"}],
-                max_tokens=6,
-                temperature=0,
-            )
-            assert reply.choices[0].message.content
-            assert reply.usage.completion_tokens >= 1
-    finally:
-        os.chdir(old_cwd)
+    with fastchat_openai_api_server(stack.controller, tmp_path) as url:
+        fastchat = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        assert [m.id for m in fastchat.models.list()] == [stack.model]
+        reply = fastchat.chat.completions.create(
+            model=stack.model,
+            messages=[{"role": "user", "content": "你好"}],
+            max_tokens=6,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content
+        assert reply.usage.completion_tokens >= 1
 
 
 def _worker_health(url: str) -> dict:

@@ -177,6 +177,9 @@ async def test_internal_token_guards_everything_but_health():
         ) as http,
     ):
         assert (await http.post("/worker_get_status", json={})).status_code == 401
+        for route in ("/load_lora_adapter", "/unload_lora_adapter"):
+            body = {"lora_name": "x", "lora_path": "/etc"}
+            assert (await http.post(route, json=body)).status_code == 401
         wrong = {INTERNAL_TOKEN_HEADER: "nope"}
         assert (
             await http.post("/worker_generate", json={}, headers=wrong)
@@ -544,3 +547,159 @@ def test_lora_names_are_checked_at_start():
         settings(lora="qwen-test=/x")
     from_yaml = WorkerSettings.model_validate({"lora": {"sql": "/a", "chat": "/b"}})
     assert from_yaml.lora_paths() == {"sql": "/a", "chat": "/b"}
+
+
+class AdapterEngine(FakeEngine):
+    """A FakeEngine that keeps the adapters it is asked to load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters: dict[str, str] = {}
+        self.unloaded: list[str] = []
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from qwen_vllm.checkpoints.adapters import AdapterRefused
+
+        if not Path(path).is_dir():
+            raise AdapterRefused(f"LoRA adapter {name!r} ({path}): no such directory")
+        self.adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self.unloaded.append(name)
+
+
+async def test_adapters_load_and_unload_at_run_time_and_change_the_names(tmp_path):
+    engine = AdapterEngine()
+    app = create_app(settings(lora=f"sql={tmp_path}"), engine, register=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://worker"
+        ) as http,
+    ):
+
+        async def names():
+            return (await http.post("/worker_get_status", json={})).json()[
+                "model_names"
+            ]
+
+        async def ask(model):
+            body = {"prompt": "x", "model": model}
+            return (await http.post("/worker_generate", json=body)).json()
+
+        assert await names() == ["qwen-test", "sql"]
+        missing = {"lora_name": "chat", "lora_path": str(tmp_path / "gone")}
+        reply = await http.post("/load_lora_adapter", json=missing)
+        assert reply.status_code == 400 and "no such directory" in reply.json()["error"]
+        assert (await ask("chat"))["error_code"] == 40301  # never the base instead
+
+        body = {"lora_name": "chat", "lora_path": str(tmp_path)}
+        reply = await http.post("/load_lora_adapter", json=body)
+        assert reply.status_code == 200, reply.text
+        assert await names() == ["qwen-test", "sql", "chat"]
+        assert (await ask("chat"))["text"] == "Hello world!"
+        details = (await http.post("/model_details", json={"model": "chat"})).json()
+        assert details["parent"] == "qwen-test"
+        for taken in ("chat", "qwen-test"):
+            again = await http.post(
+                "/load_lora_adapter", json={"lora_name": taken, "lora_path": "/x"}
+            )
+            assert again.status_code == 400 and "already served" in again.text
+        assert (
+            await http.post("/load_lora_adapter", json={"lora_name": "x"})
+        ).status_code == 400
+
+        assert (
+            await http.post("/unload_lora_adapter", json={"lora_name": "sql"})
+        ).status_code == 200
+        assert await names() == ["qwen-test", "chat"] and engine.unloaded == ["sql"]
+        for unknown in ("sql", "qwen-test"):
+            gone = await http.post("/unload_lora_adapter", json={"lora_name": unknown})
+            assert gone.status_code == 404
+        assert (await ask("sql"))["error_code"] == 40301
+
+
+class LoraLLM(FakeLLM):
+    """A FakeLLM with LoRA on, as vLLM's AsyncLLM reports and changes it."""
+
+    def __init__(self, max_lora_rank=16):
+        super().__init__()
+        lora_config = SimpleNamespace(max_lora_rank=max_lora_rank)
+        self.vllm_config = SimpleNamespace(lora_config=lora_config)
+        self.added: list = []
+        self.removed: list[int] = []
+
+    async def add_lora(self, request):
+        if request.lora_path.endswith("broken"):
+            raise RuntimeError("size mismatch for lora_a")
+        self.added.append(request)
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.removed.append(lora_id)
+        return True
+
+
+async def test_engine_loads_adapters_with_new_ids_and_unloads_after_their_requests(
+    tmp_path,
+):
+    from qwen_vllm.checkpoints.adapters import AdapterRefused
+    from tests.checkpoints.test_adapters import write_adapter_dir
+
+    sql = write_adapter_dir(tmp_path / "sql", r=8)
+    chat = write_adapter_dir(tmp_path / "chat", r=16)
+    big = write_adapter_dir(tmp_path / "big", r=32)
+    broken = write_adapter_dir(tmp_path / "broken", r=8)
+    llm = LoraLLM(max_lora_rank=16)
+    engine = VllmEngine(llm, read_adapters(settings(lora=f"sql={sql}")))
+
+    with pytest.raises(AdapterRefused, match=r"rank 32, more than.*--max-lora-rank 16"):
+        await engine.load_adapter("big", str(big))
+    with pytest.raises(AdapterRefused, match=r"vLLM cannot load it: size mismatch"):
+        await engine.load_adapter("broken", str(broken))
+    await engine.load_adapter("chat", str(chat))
+    with pytest.raises(AdapterRefused, match="already loaded"):
+        await engine.load_adapter("chat", str(chat))
+    assert [r.lora_name for r in llm.added] == ["chat"]
+    ids = {name: r.lora_int_id for name, r in engine.lora_requests.items()}
+    assert len(set(ids.values())) == 2
+
+    # An unload waits for the adapter's streams, not for the base's.
+    stream = engine.generate(
+        GenerateParams(prompt="hi", model="chat", max_new_tokens=9)
+    )
+    await anext(stream)
+    base = engine.generate(GenerateParams(prompt="hi", max_new_tokens=9))
+    await anext(base)
+    unload = asyncio.create_task(engine.unload_adapter("chat"))
+    while "chat" in engine.lora_requests:  # out of routing at once
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not unload.done() and llm.removed == []
+    await stream.aclose()
+    await unload
+    assert llm.removed == [ids["chat"]]
+    await base.aclose()
+    await engine.load_adapter("chat", str(chat))
+    assert engine.lora_requests["chat"].lora_int_id not in ids.values()
+
+    without = VllmEngine(FakeLLM())
+    with pytest.raises(AdapterRefused, match="without LoRA: start it with --max-loras"):
+        await without.load_adapter("chat", str(chat))
+
+
+def test_max_loras_enables_lora_for_adapters_loaded_later():
+    args = engine_args(settings(max_loras=4), Path("/m"))
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (
+        True,
+        4,
+        16,
+    )
+    args = engine_args(settings(max_loras=2, max_lora_rank=64), Path("/m"))
+    assert args["max_lora_rank"] == 64
+    from qwen_vllm.checkpoints.adapters import AdapterRefused
+
+    with pytest.raises(AdapterRefused, match="add --lora NAME=PATH or --max-loras"):
+        engine_args(settings(max_lora_rank=64), Path("/m"))

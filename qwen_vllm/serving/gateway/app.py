@@ -25,8 +25,10 @@ from qwen_vllm.serving.client import (
     Backend,
     BackendError,
     ControllerClient,
+    WorkerAdmin,
     WorkerStatusSource,
 )
+from qwen_vllm.serving.gateway import adapter_admin
 from qwen_vllm.serving.gateway.chat_service import ChatService
 from qwen_vllm.serving.gateway.completion_service import CompletionService
 from qwen_vllm.serving.gateway.errors import APIError, install_error_handlers
@@ -46,10 +48,13 @@ from qwen_vllm.serving.gateway.openai_models import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DeletedModel,
     ErrorResponse,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     SamplingRequest,
+    UnloadLoraAdapterRequest,
 )
 from qwen_vllm.serving.gateway.service import OpenAIService
 from qwen_vllm.serving.gateway.streaming import SSE_HEADERS, EventStream
@@ -201,7 +206,25 @@ def _routes() -> APIRouter:
     ) -> Any:
         return await _answer(gateway.completions, body, request)
 
+    @router.post("/v1/load_lora_adapter", responses=_ERRORS)
+    async def load_lora_adapter(
+        body: LoadLoraAdapterRequest, gateway: GatewayDep
+    ) -> ModelCard:
+        return await adapter_admin.load_adapter(_admin(gateway), body)
+
+    @router.post("/v1/unload_lora_adapter", responses=_ERRORS)
+    async def unload_lora_adapter(
+        body: UnloadLoraAdapterRequest, gateway: GatewayDep
+    ) -> DeletedModel:
+        return await adapter_admin.unload_adapter(_admin(gateway), body)
+
     return router
+
+
+def _admin(gateway: Gateway) -> WorkerAdmin:
+    if not isinstance(gateway.backend, WorkerAdmin):
+        raise APIError(404, "This gateway cannot load adapters.", code="not_found")
+    return gateway.backend
 
 
 _Request = TypeVar("_Request", bound=SamplingRequest)

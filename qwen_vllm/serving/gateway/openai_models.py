@@ -450,6 +450,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoadLoraAdapterRequest(_Body):
+    """vLLM's POST /v1/load_lora_adapter body, plus the base to load it on."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+    model: str | None = None  # needed only where several models are served
+
+
+class UnloadLoraAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1)
+
+
+class DeletedModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -21,6 +21,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from qwen_vllm.checkpoints.adapters import AdapterRefused
 from qwen_vllm.serving.protocol import (
     QWEN_CONV_TEMPLATE,
     ChatDefaults,
@@ -51,6 +52,14 @@ class Engine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter as `name`; raises AdapterRefused."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving it, once its requests have ended; KeyError if unknown."""
+        ...
+
 
 def worker_url(settings: WorkerSettings) -> str:
     if settings.worker_address:
@@ -74,6 +83,9 @@ class ControllerLink:
         # The model's names, then its adapters': the controller routes each.
         self.model_names = settings.served_model_names() + list(settings.lora_paths())
         self.headers = token_headers(settings.internal_token)
+        # Set when the names changed and the controller could not be told.
+        self.stale = False
+        self.registering = True  # False: an app that stays unregistered (tests)
 
     def status(self) -> dict:
         return {
@@ -100,9 +112,9 @@ class ControllerLink:
         registered = False
         while True:
             try:
-                if not registered:
+                if not registered or self.stale:
                     await self.register()
-                    registered = True
+                    registered, self.stale = True, False
                 else:
                     reply = await self._post(
                         "/receive_heart_beat",
@@ -117,6 +129,18 @@ class ControllerLink:
                 registered = False
                 logger.warning("controller unreachable: %s", exc)
             await asyncio.sleep(self.settings.heartbeat_interval if registered else 1.0)
+
+    async def names_changed(self) -> None:
+        """Tell the controller at once (it routes a name only to workers that
+        have it); if it cannot be told now, the next heartbeat does."""
+        if not self.registering:
+            return
+        self.stale = True
+        try:
+            await self.register()
+            self.stale = False
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("controller not told of %s yet: %s", self.model_names, exc)
 
     async def unregister(self) -> None:
         with contextlib.suppress(httpx.HTTPError):
@@ -155,6 +179,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         async with httpx.AsyncClient() as client:
             link = ControllerLink(settings, engine, client)
+            link.registering = register
             app.state.link = link
             tasks = [asyncio.create_task(watch_engine(engine))]
             if register:
@@ -180,11 +205,21 @@ def create_app(
 
     async def read_params(request: Request) -> GenerateParams | GenerateChunk:
         try:
-            return GenerateParams.model_validate_json(await request.body())
+            params = GenerateParams.model_validate_json(await request.body())
         except ValidationError as exc:
             return error_chunk(
                 ErrorCode.VALIDATION_TYPE_ERROR, validation_problems(exc.errors())
             )
+        names = request.app.state.link.model_names
+        if params.model and params.model not in names:
+            # An adapter unloaded after the controller picked this worker:
+            # never answered by the base model instead.
+            return error_chunk(
+                ErrorCode.INVALID_MODEL,
+                f"This worker does not serve {params.model!r} (it serves "
+                f"{', '.join(names)}).",
+            )
+        return params
 
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> StreamingResponse:
@@ -243,7 +278,39 @@ def create_app(
 
         return {"conv": jsonable_encoder(get_conv_template(QWEN_CONV_TEMPLATE))}
 
+    # Every adapter this worker serves: --lora ones, then those loaded since.
     adapters = set(settings.lora_paths())
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        body = await _json_body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str):
+            return _refusal(400, "lora_name and lora_path (strings) are required")
+        link: ControllerLink = request.app.state.link
+        if name in link.model_names:
+            return _refusal(400, f"{name!r} is already served by this worker")
+        try:
+            await engine.load_adapter(name, path)
+        except AdapterRefused as exc:
+            return _refusal(400, str(exc))
+        adapters.add(name)
+        link.model_names.append(name)
+        await link.names_changed()
+        return JSONResponse({"model_names": link.model_names})
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        name = (await _json_body(request)).get("lora_name")
+        if name not in adapters:
+            return _refusal(404, f"no LoRA adapter {name!r} is loaded here")
+        link: ControllerLink = request.app.state.link
+        # Out of routing first, then out of the engine once its requests end.
+        adapters.discard(name)
+        link.model_names.remove(name)
+        await link.names_changed()
+        await engine.unload_adapter(name)
+        return JSONResponse({"model_names": link.model_names})
 
     @app.post("/model_details")
     async def model_details(request: Request) -> dict:
@@ -275,6 +342,10 @@ def create_app(
         )
 
     return app
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status)
 
 
 async def _json_body(request: Request) -> dict:

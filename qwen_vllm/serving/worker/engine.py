@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import itertools
 import logging
 import re
 import uuid
@@ -13,7 +15,7 @@ from typing import Any
 
 from qwen_vllm.chat.chatml import build_prompt_ids
 from qwen_vllm.chat.vocab import with_chatml_stops
-from qwen_vllm.checkpoints.adapters import LoraAdapter, max_lora_rank
+from qwen_vllm.checkpoints.adapters import AdapterRefused, LoraAdapter, max_lora_rank
 from qwen_vllm.model.generation_defaults import GenerationDefaults
 from qwen_vllm.serving.protocol import (
     ChatDefaults,
@@ -80,11 +82,18 @@ def engine_args(
         args["max_model_len"] = settings.max_model_len
     if settings.max_num_seqs is not None:
         args["max_num_seqs"] = settings.max_num_seqs
-    if adapters:
-        # Every adapter stays loaded, so one batch can mix them all.
+    slots = settings.max_loras or len(adapters)
+    if slots:
+        # By default every --lora adapter keeps a slot, so one batch can mix
+        # them all; --max-loras makes room for adapters loaded at run time.
         args["enable_lora"] = True
-        args["max_loras"] = len(adapters)
-        args["max_lora_rank"] = max_lora_rank(adapters)
+        args["max_loras"] = slots
+        args["max_lora_rank"] = max_lora_rank(adapters, settings.max_lora_rank)
+    elif settings.max_lora_rank is not None:
+        raise AdapterRefused(
+            "--max-lora-rank is for LoRA adapters: add --lora NAME=PATH or "
+            "--max-loras N (adapters loaded at run time)"
+        )
     args.update(settings.engine_args)
     args["additional_config"] = {
         **args.get("additional_config", {}),
@@ -141,11 +150,20 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
 
         self.llm = llm
-        # A request for an adapter's name runs with that adapter (ids from 1).
+        # A request for an adapter's name runs with that adapter (ids from 1;
+        # an unloaded adapter's id is never given again).
+        self._lora_ids = itertools.count(1)
         self.lora_requests = {
-            adapter.name: LoRARequest(adapter.name, i, str(adapter.path))
-            for i, adapter in enumerate(adapters, start=1)
+            adapter.name: LoRARequest(
+                adapter.name, next(self._lora_ids), str(adapter.path)
+            )
+            for adapter in adapters
         }
+        lora_config = getattr(getattr(llm, "vllm_config", None), "lora_config", None)
+        self.max_lora_rank: int | None = getattr(lora_config, "max_lora_rank", None)
+        self._adapter_lock = asyncio.Lock()
+        self._adapter_streams: collections.Counter[str | None] = collections.Counter()
+        self._adapter_stream_ended = asyncio.Condition()
         self.tokenizer = llm.get_tokenizer()
         self.context_length: int = llm.model_config.max_model_len
         self.defaults = GenerationDefaults.of(llm.model_config)
@@ -186,6 +204,49 @@ class VllmEngine:
 
     def queue_length(self) -> int:
         return self._in_flight
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve a LoRA adapter from now on; AdapterRefused says why not."""
+        from vllm.lora.request import LoRARequest
+
+        if self.max_lora_rank is None:
+            raise AdapterRefused(
+                "this worker runs without LoRA: start it with --max-loras N "
+                "(adapters in one batch) to load adapters at run time"
+            )
+        adapter = LoraAdapter.read(name, path)
+        if adapter.rank > self.max_lora_rank:
+            raise AdapterRefused(
+                f"LoRA adapter {name!r} ({path}) has rank {adapter.rank}, more than "
+                f"this worker's --max-lora-rank {self.max_lora_rank}"
+            )
+        async with self._adapter_lock:
+            if name in self.lora_requests:
+                raise AdapterRefused(f"LoRA adapter {name!r} is already loaded")
+            request = LoRARequest(name, next(self._lora_ids), str(adapter.path))
+            try:
+                # Loaded now, so weights vLLM cannot use fail this call and
+                # not a client's request.
+                await self.llm.add_lora(request)
+            except Exception as exc:
+                raise AdapterRefused(
+                    f"LoRA adapter {name!r} ({path}): vLLM cannot load it: {exc}"
+                ) from exc
+            self.lora_requests[name] = request
+        logger.info("loaded LoRA adapter %s from %s", name, adapter.path)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter; returns once its last request has ended."""
+        async with self._adapter_lock:
+            request = self.lora_requests.pop(name, None)
+        if request is None:
+            raise KeyError(name)
+        async with self._adapter_stream_ended:
+            await self._adapter_stream_ended.wait_for(
+                lambda: not self._adapter_streams[name]
+            )
+        await self.llm.remove_lora(request.lora_int_id)
+        logger.info("unloaded LoRA adapter %s", name)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -288,11 +349,14 @@ class VllmEngine:
             logprobs = _LogprobsBuilder(self.tokenizer, echo)
         finished = False
         self._in_flight += 1
+        lora_request = self.lora_requests.get(params.model or "")
+        adapter = lora_request.lora_name if lora_request else None
+        self._adapter_streams[adapter] += 1
         stream = self.llm.generate(
             {"prompt_token_ids": prompt_ids},
             sampling,
             request_id,
-            lora_request=self.lora_requests.get(params.model or ""),
+            lora_request=lora_request,
         )
         try:
             async for output in stream:
@@ -321,6 +385,9 @@ class VllmEngine:
             await stream.aclose()
             if not finished:
                 await self.llm.abort(request_id)
+            async with self._adapter_stream_ended:
+                self._adapter_streams[adapter] -= 1
+                self._adapter_stream_ended.notify_all()
 
 
 def _structured_outputs(fields: dict[str, Any] | None):
