@@ -32,10 +32,8 @@ import argparse
 import asyncio
 import itertools
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +51,20 @@ from serving import (  # noqa: E402  (the serving benchmark's deployment)
     machine,
     status,
 )
+from streams import (  # noqa: E402
+    CONCURRENCY,
+    MAX_TOKENS,
+    REQUESTS,
+    rotations,
+    run_mode,
+    summary,
+)
 
 from qwen_vllm.loadgen.report import write_json  # noqa: E402
 from tests.serving.test_structured_output import SCHEMAS  # noqa: E402
 
 MODES = ("free", "json", "json-new", "tool")
 BASELINE = "free"
-REQUESTS = 32
-CONCURRENCY = 8
-MAX_TOKENS = 64
 GOAL_THROUGHPUT_RATIO = 0.8
 PARSE_SEEDS = 4
 PARSE_MAX_TOKENS = 256
@@ -99,50 +102,16 @@ def request_fields(mode: str) -> dict[str, Any]:
     }
 
 
-async def one(client: openai.AsyncOpenAI, mode: str, seed: int) -> dict[str, float]:
-    started = time.perf_counter()
-    first = None
-    tokens = 0
-    stream = await client.chat.completions.create(
-        model=MODEL_NAME,
-        messages=[{"role": "user", "content": f"List some numbers ({seed})."}],
-        max_tokens=MAX_TOKENS,
-        seed=seed,
-        stream=True,
-        stream_options={"include_usage": True},
-        **request_fields(mode),
-    )
-    async for chunk in stream:
-        if first is None and chunk.choices:
-            delta = chunk.choices[0].delta
-            if delta.content or delta.tool_calls:
-                first = time.perf_counter()
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    end = time.perf_counter()
-    return {"ttft": (first or end) - started, "tokens": tokens, "end": end}
+def request_for(mode: str):
+    def request(i: int, seed: int) -> dict[str, Any]:
+        return {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": f"List some numbers ({seed})."}],
+            "seed": seed,
+            **request_fields(mode),
+        }
 
-
-async def run_mode(url: str, mode: str, round_number: int) -> dict[str, Any]:
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def bounded(seed: int) -> dict[str, float]:
-        async with gate:
-            return await asyncio.wait_for(one(client, mode, seed), timeout=300)
-
-    started = time.perf_counter()
-    seeds = range(round_number * REQUESTS, (round_number + 1) * REQUESTS)
-    results = await asyncio.gather(*(bounded(seed) for seed in seeds))
-    wall = max(r["end"] for r in results) - started
-    await client.close()
-    return {
-        "mode": mode,
-        "round": round_number,
-        "tokens": sum(r["tokens"] for r in results),
-        "wall_s": wall,
-        "ttft_s": [r["ttft"] for r in results],
-    }
+    return request
 
 
 async def parse_rate(url: str) -> dict[str, int]:
@@ -182,28 +151,6 @@ async def parse_rate(url: str) -> dict[str, int]:
         "cut_at_max_tokens": sum(cut for _, cut in results),
         "requests": len(results),
     }
-
-
-def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    table = {}
-    for mode in MODES:
-        mine = [r for r in runs if r["mode"] == mode]
-        ttft = sorted(t for r in mine for t in r["ttft_s"])
-        table[mode] = {
-            "output_tokens_per_s": sum(r["tokens"] for r in mine)
-            / sum(r["wall_s"] for r in mine),
-            "ttft_median_ms": statistics.median(ttft) * 1000,
-            "ttft_p90_ms": statistics.quantiles(ttft, n=10)[-1] * 1000,
-            "tokens_per_request": sum(r["tokens"] for r in mine)
-            / (REQUESTS * len(mine)),
-        }
-    base = table[BASELINE]
-    for row in table.values():
-        row["throughput_ratio"] = (
-            row["output_tokens_per_s"] / base["output_tokens_per_s"]
-        )
-        row["ttft_added_ms"] = row["ttft_median_ms"] - base["ttft_median_ms"]
-    return table
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -273,12 +220,11 @@ def main() -> None:
         info = machine()
         with deployment(model, workdir, ["qwen-vllm", "vllm"]) as urls:
             url = urls["qwen-vllm"]
-            asyncio.run(run_mode(url, "free", -1))  # warm-up, not counted
-            for number in range(args.rounds):
-                order = MODES[number % len(MODES) :] + MODES[: number % len(MODES)]
-                for mode in order:
-                    status(f"round {number + 1}/{args.rounds}: {mode}")
-                    runs.append(asyncio.run(run_mode(url, mode, number)))
+            # Warm-up, not counted.
+            asyncio.run(run_mode(url, BASELINE, -1, request_for(BASELINE)))
+            for number, mode in rotations(MODES, args.rounds):
+                status(f"round {number + 1}/{args.rounds}: {mode}")
+                runs.append(asyncio.run(run_mode(url, mode, number, request_for(mode))))
             rates = {}
             for server, label in (
                 ("qwen-vllm", "qwen-vllm gateway"),
@@ -290,7 +236,7 @@ def main() -> None:
         "command": "benchmarks/structured_output.py --rounds " + str(args.rounds),
         "rounds": args.rounds,
         "machine": info,
-        "table": summary(runs),
+        "table": summary(runs, list(MODES), BASELINE),
         "parse_rate": rates,
         "runs": runs,
     }
