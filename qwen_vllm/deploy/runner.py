@@ -91,6 +91,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+KEEP_ALIVE_S = 65
+
+
 class ServiceRunner:
     def __init__(self, kind: str, settings: _Settings) -> None:
         self.kind = kind
@@ -108,17 +111,24 @@ class ServiceRunner:
     def port(self) -> int:
         return getattr(self.settings, self.service.port_field)
 
+    def server_config(self, app: Any) -> uvicorn.Config:
+        return uvicorn.Config(
+            app,
+            host=self.settings.host,
+            port=self.port,
+            log_level=self.settings.log_level,
+            timeout_graceful_shutdown=5,
+            # Longer than clients keep an idle pooled connection (httpx, and
+            # so the openai client, 5 s): a server that closes an idle
+            # connection first races the client's next request on it, which
+            # then fails without an answer.
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
+
     async def serve(self) -> None:
         app, cleanup = await self.service.factory(self.settings)
         try:
-            config = uvicorn.Config(
-                app,
-                host=self.settings.host,
-                port=self.port,
-                log_level=self.settings.log_level,
-                timeout_graceful_shutdown=5,
-            )
-            self.server = uvicorn.Server(config)
+            self.server = uvicorn.Server(self.server_config(app))
             if self._stop_requested:
                 return
             logger.info(

@@ -88,3 +88,24 @@ def test_orphans_and_stubborn_children_are_ended():
         assert not psutil.pid_exists(pid) or (
             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         ), pid
+
+
+def test_services_keep_an_idle_connection_longer_than_clients_do():
+    # Else a client's next request on a pooled connection can meet the
+    # server closing it as idle, and fails without an answer.
+    import httpx
+
+    from qwen_vllm.deploy.runner import ServiceRunner
+    from qwen_vllm.serving.settings import (
+        ControllerSettings,
+        GatewaySettings,
+        build_settings,
+    )
+
+    client_idle = httpx.Limits().keepalive_expiry  # the openai client's too
+    for kind, settings in (
+        ("gateway", GatewaySettings),
+        ("controller", ControllerSettings),
+    ):
+        runner = ServiceRunner(kind, build_settings(settings, {}))
+        assert runner.server_config(app=None).timeout_keep_alive > client_idle
