@@ -278,8 +278,12 @@ def create_app(
 
         return {"conv": jsonable_encoder(get_conv_template(QWEN_CONV_TEMPLATE))}
 
-    # Every adapter this worker serves: --lora ones, then those loaded since.
-    adapters = set(settings.lora_paths())
+    own_names = set(settings.served_model_names())
+
+    def is_adapter(request: Request, name: object) -> bool:
+        """An adapter this worker serves: --lora ones and those loaded since
+        (every name it registers that is not the model's own)."""
+        return name in request.app.state.link.model_names and name not in own_names
 
     @app.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> JSONResponse:
@@ -294,7 +298,6 @@ def create_app(
             await engine.load_adapter(name, path)
         except AdapterRefused as exc:
             return _refusal(400, str(exc))
-        adapters.add(name)
         link.model_names.append(name)
         await link.names_changed()
         return JSONResponse({"model_names": link.model_names})
@@ -302,11 +305,10 @@ def create_app(
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         name = (await _json_body(request)).get("lora_name")
-        if name not in adapters:
+        if not is_adapter(request, name):
             return _refusal(404, f"no LoRA adapter {name!r} is loaded here")
         link: ControllerLink = request.app.state.link
         # Out of routing first, then out of the engine once its requests end.
-        adapters.discard(name)
         link.model_names.remove(name)
         await link.names_changed()
         await engine.unload_adapter(name)
@@ -320,7 +322,7 @@ def create_app(
             "model": model_name,
             "chat_defaults": engine.chat_defaults.model_dump(),
             "generation_defaults": engine.generation_defaults,
-            "parent": model_name if asked in adapters else None,
+            "parent": model_name if is_adapter(request, asked) else None,
         }
 
     @app.get("/health")
